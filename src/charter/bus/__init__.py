@@ -1,0 +1,1 @@
+"""The governed bus: envelopes, subjects and scopes, the verification pipeline, the log."""

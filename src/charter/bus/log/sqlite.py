@@ -1,0 +1,213 @@
+"""The default log: one SQLite table in WAL mode, appended in IMMEDIATE transactions.
+
+The head is read inside the write transaction, so even two processes appending to one file keep a
+single chain. A publisher's receipt is returned only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from charter.bus.envelope import Envelope, parse
+from charter.bus.log.base import (
+    GENESIS,
+    ChainBreak,
+    ConsumerState,
+    LogEntry,
+    Receipt,
+    VerifyReport,
+    entry_hash,
+)
+from charter.db import connect
+from charter.errors import NOT_FOUND, CharterError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (
+    seq         INTEGER PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    subject     TEXT NOT NULL,
+    sender      TEXT NOT NULL,
+    ts          INTEGER NOT NULL,
+    nonce       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    raw         BLOB NOT NULL,
+    prev        BLOB NOT NULL,
+    hash        BLOB NOT NULL,
+    appended_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_ts ON log (ts);
+CREATE TABLE IF NOT EXISTS consumers (
+    owner      TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    pattern    TEXT NOT NULL,
+    acked_seq  INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (owner, name)
+);
+"""
+
+_COLS = "seq, id, subject, sender, ts, kind, raw, hash, prev, appended_at"
+
+
+def _entry(row: tuple) -> LogEntry:
+    return LogEntry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), bytes(row[7]), bytes(row[8]), row[9])
+
+
+class SqliteLog:
+    """EventLog on SQLite. Use from one event loop; appends are short and run inline."""
+
+    def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
+        self.path = path
+        self._db = connect(path, synchronous=synchronous)
+        self._db.executescript(SCHEMA)
+        self._changed = asyncio.Event()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append_sync(self, envelopes: Sequence[Envelope]) -> list[Receipt]:
+        db = self._db
+        now = time.time_ns() // 1_000_000
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT seq, hash FROM log ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+            rows = []
+            receipts = []
+            for env in envelopes:
+                seq += 1
+                h = entry_hash(prev, seq, env.raw)
+                rows.append((seq, env.id, env.subject, env.sender, env.ts, env.nonce, env.kind, env.raw, prev, h, now))
+                receipts.append(Receipt(seq, env.id, h.hex()))
+                prev = h
+            db.executemany("INSERT INTO log VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._notify()
+        return receipts
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def append(self, envelopes: Sequence[Envelope]) -> list[Receipt]:
+        if not envelopes:
+            return []
+        return self.append_sync(envelopes)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def head_sync(self) -> tuple[int, bytes]:
+        row = self._db.execute("SELECT seq, hash FROM log ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], bytes(row[1])) if row else (0, GENESIS)
+
+    async def head(self) -> tuple[int, bytes]:
+        return self.head_sync()
+
+    def read_sync(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        rows = self._db.execute(
+            f"SELECT {_COLS} FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    async def read(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        return self.read_sync(after_seq, limit)
+
+    async def get(self, seq: int) -> LogEntry | None:
+        row = self._db.execute(f"SELECT {_COLS} FROM log WHERE seq = ?", (seq,)).fetchone()
+        return _entry(row) if row else None
+
+    async def wait(self, after_seq: int, timeout: float) -> int:
+        event = self._changed
+        head = self.head_sync()[0]
+        if head > after_seq:
+            return head
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.head_sync()[0]
+
+    async def recent_nonces(self, since_ms: int) -> list[tuple[str, str, int]]:
+        return self._db.execute("SELECT sender, nonce, ts FROM log WHERE ts >= ?", (since_ms,)).fetchall()
+
+    async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        return await asyncio.to_thread(verify_file, self.path, progress)
+
+    # -- consumers -------------------------------------------------------------------------
+
+    async def consumer(self, owner: str, name: str) -> ConsumerState | None:
+        row = self._db.execute(
+            "SELECT owner, name, pattern, acked_seq FROM consumers WHERE owner = ? AND name = ?", (owner, name)
+        ).fetchone()
+        return ConsumerState(*row) if row else None
+
+    async def put_consumer(self, state: ConsumerState) -> None:
+        self._db.execute(
+            "INSERT INTO consumers VALUES (?,?,?,?,?) ON CONFLICT (owner, name) DO UPDATE SET "
+            "pattern = excluded.pattern, acked_seq = excluded.acked_seq, updated_at = excluded.updated_at",
+            (state.owner, state.name, state.pattern, state.acked_seq, time.time_ns() // 1_000_000),
+        )
+
+    async def ack(self, owner: str, name: str, seq: int) -> ConsumerState:
+        """Acknowledge every entry up to `seq` (cumulative, like JetStream's AckAll); never moves back."""
+        self._db.execute(
+            "UPDATE consumers SET acked_seq = MAX(acked_seq, ?), updated_at = ? WHERE owner = ? AND name = ?",
+            (seq, time.time_ns() // 1_000_000, owner, name),
+        )
+        state = await self.consumer(owner, name)
+        if state is None:
+            raise CharterError(NOT_FOUND, f"no consumer named {name!r}; subscribe with it first", "consumer")
+        return state
+
+    def close_sync(self) -> None:
+        self._db.close()
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def verify_file(path: Path, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Recompute the whole chain from a database file, read-only. Names every break it finds."""
+    db = connect(path, readonly=True)
+    try:
+        report = VerifyReport()
+        total = db.execute("SELECT COUNT(*) FROM log").fetchone()[0]
+        expected_seq, prev = 1, GENESIS
+        cur = db.execute(f"SELECT {_COLS} FROM log ORDER BY seq")
+        while batch := cur.fetchmany(2000):
+            for row in batch:
+                e = _entry(row)
+                if e.seq != expected_seq:
+                    reason = f"sequence jumps from {expected_seq - 1} to {e.seq}: entries missing"
+                    report.breaks.append(ChainBreak(expected_seq, reason))
+                    expected_seq = e.seq
+                if e.prev != prev:
+                    report.breaks.append(ChainBreak(e.seq, "prev_hash does not match the previous entry's hash"))
+                if entry_hash(e.prev, e.seq, e.raw) != e.hash:
+                    report.breaks.append(ChainBreak(e.seq, "hash does not match the entry's content"))
+                else:
+                    try:
+                        env = parse(e.raw, max_bytes=2**31)
+                        if (env.id, env.subject, env.sender, env.ts, env.kind) != (e.id, e.subject, e.sender, e.ts, e.kind):
+                            report.breaks.append(ChainBreak(e.seq, "indexed columns differ from the signed envelope"))
+                    except CharterError as exc:
+                        report.breaks.append(ChainBreak(e.seq, f"stored envelope does not parse: {exc.message}"))
+                prev = e.hash
+                expected_seq = e.seq + 1
+                report.checked += 1
+                report.head_seq, report.head_hash = e.seq, e.hash.hex()
+            if progress:
+                progress(report.checked, total)
+        return report
+    except sqlite3.DatabaseError as exc:
+        report = VerifyReport()
+        report.breaks.append(ChainBreak(0, f"database unreadable: {exc}"))
+        return report
+    finally:
+        db.close()

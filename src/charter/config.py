@@ -1,0 +1,161 @@
+"""`charter.toml`: one file, validated on load, with errors that name the file and the key.
+
+`Home` knows where everything lives under CHARTER_HOME; `Config` is the validated content.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from charter.bus.subjects import SubjectError, validate_pattern
+from charter.errors import ConfigError
+from charter.units import parse_duration, parse_size
+
+DEFAULT_PORT = 7477
+CONFIG_NAME = "charter.toml"
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+Bytes = Annotated[int, BeforeValidator(parse_size)]
+Tier = Literal["T0", "T1", "T2", "T3"]
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    log_format: Literal["text", "json"] = "text"
+
+
+class BusConfig(_Strict):
+    backend: Literal["sqlite"] = "sqlite"
+    max_envelope_bytes: Bytes = Field(64 * 1024, ge=256, le=16 * 2**20)
+    max_batch: int = Field(1000, ge=1, le=100_000)
+    replay_window: Seconds = Field(120.0, gt=0, le=86400)
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class IdentityConfig(_Strict):
+    charter_ttl: Seconds = Field(30 * 86400.0, gt=0)
+    renew_before: Seconds = Field(7 * 86400.0, gt=0)
+    invite_ttl: Seconds = Field(900.0, gt=0)
+    max_invite_ttl: Seconds = Field(7 * 86400.0, gt=0)
+
+
+class RoleConfig(_Strict):
+    description: str = ""
+    publish: list[str] = Field(default_factory=list)
+    subscribe: list[str] = Field(default_factory=list)
+    read: list[str] = Field(default_factory=list)
+    policy: str = "default"
+    max_tier: Tier = "T1"
+    sandbox_quota: Bytes = Field(256 * 2**20, ge=0)
+    budget_usd_per_day: float | None = Field(None, ge=0)
+    budget_tokens_per_day: int | None = Field(None, ge=0)
+    charter_ttl: Seconds | None = None
+
+    @field_validator("publish", "subscribe")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            try:
+                validate_pattern(pattern.replace("{name}", "x").replace("{id}", "x"))
+            except SubjectError as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
+        return value
+
+
+class Config(_Strict):
+    daemon: DaemonConfig = DaemonConfig()
+    bus: BusConfig = BusConfig()
+    identity: IdentityConfig = IdentityConfig()
+    roles: dict[str, RoleConfig] = Field(default_factory=dict)
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, value: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        for name in value:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"role name {name!r}: use lowercase letters, digits, '-' or '_'")
+        return value
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str = CONFIG_NAME) -> Config:
+    """Validate a decoded TOML document; the error names `source` and the dotted key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = f"{source}: {_loc(first['loc'])}"
+        msg = first["msg"].removeprefix("Value error, ")
+        more = len(exc.errors()) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(msg, where) from None
+
+
+class Home:
+    """The layout of CHARTER_HOME. Creating it is `charter.identity.init`'s job."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().absolute()
+
+    @classmethod
+    def resolve(cls, home: str | Path | None = None) -> Home:
+        """`--home` wins, then $CHARTER_HOME, then ~/.charter."""
+        if home:
+            return cls(Path(home))
+        env = os.environ.get("CHARTER_HOME")
+        if env:
+            return cls(Path(env))
+        return cls(Path.home() / ".charter")
+
+    config_path = property(lambda self: self.root / CONFIG_NAME)
+    keys_dir = property(lambda self: self.root / "keys")
+    root_key_path = property(lambda self: self.root / "keys" / "root.key")
+    db_path = property(lambda self: self.root / "charter.db")
+    policies_dir = property(lambda self: self.root / "policies")
+    sandboxes_dir = property(lambda self: self.root / "sandboxes")
+    run_dir = property(lambda self: self.root / "run")
+    daemon_file = property(lambda self: self.root / "run" / "daemon.json")
+    log_file = property(lambda self: self.root / "run" / "daemon.log")
+
+    def exists(self) -> bool:
+        return self.config_path.exists() and self.root_key_path.exists()
+
+    def load_config(self) -> Config:
+        if not self.config_path.exists():
+            raise ConfigError(
+                f"no {CONFIG_NAME} in {self.root}; run `charter init` first", str(self.config_path)
+            )
+        try:
+            data = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", str(self.config_path)) from None
+        return parse_config(data, str(self.config_path))
+
+    def url(self, config: Config | None = None) -> str:
+        cfg = config or self.load_config()
+        return f"http://{cfg.daemon.host}:{cfg.daemon.port}"
+
+    def __repr__(self) -> str:
+        return f"Home({str(self.root)!r})"

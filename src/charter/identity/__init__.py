@@ -1,0 +1,1 @@
+"""Identity: keys, charters (certificates), invites, enrolment and the agent registry."""

@@ -1,0 +1,440 @@
+"""The Node: one Charter installation opened for work. The daemon serves it; tests embed it.
+
+It owns the root key, the registry, the log and the gate, and it is the only place where an
+operator action becomes both a state change and an event on the bus, attributed to the operator.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from charter import __version__
+from charter.bus import envelope as envmod
+from charter.bus.envelope import Envelope
+from charter.bus.gate import Gate
+from charter.bus.log.base import ConsumerState, LogEntry, Receipt
+from charter.bus.log.sqlite import SqliteLog
+from charter.bus.replay import ReplayGuard
+from charter.bus.subjects import SubjectError, matches, validate_pattern
+from charter.config import Config, Home
+from charter.encoding import canonical, loads
+from charter.errors import (
+    BAD_REQUEST,
+    BAD_SIGNATURE,
+    BAD_TOKEN,
+    CONFLICT,
+    EXPIRED,
+    MALFORMED,
+    OUT_OF_SCOPE,
+    REPLAY,
+    REVOKED,
+    SUSPENDED,
+    CharterError,
+    Rejection,
+)
+from charter.identity.certificate import sign_charter
+from charter.identity.keys import PublicKey, SigningKey
+from charter.identity.registry import (
+    ACTIVE,
+    OPERATOR_ID,
+    AgentRecord,
+    Invite,
+    Registry,
+    now_ms,
+)
+from charter.identity.registry import REVOKED as ST_REVOKED
+from charter.identity.registry import SUSPENDED as ST_SUSPENDED
+from charter.identity.tokens import looks_like_token, new_token, token_hash
+from charter.policy.store import Policy, load_policies
+from charter.sandbox import Sandbox
+
+AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+FAR_FUTURE = 2**62
+ENROLL_PURPOSE = "charter.enroll"
+ROTATE_PURPOSE = "charter.rotate-key"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One envelope's fate in a batch: a receipt, or the rejection that refused it."""
+
+    receipt: Receipt | None = None
+    error: CharterError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.receipt.to_dict() if self.receipt else {"error": self.error.to_dict()}  # type: ignore[union-attr]
+
+
+def enroll_proof_message(token_hash_hex: str, name: str, public_key: str, ts: int) -> bytes:
+    return canonical({"purpose": ENROLL_PURPOSE, "token_hash": token_hash_hex, "name": name,
+                      "public_key": public_key, "ts": ts})
+
+
+def rotate_proof_message(agent_id: str, new_public_key: str, ts: int) -> bytes:
+    return canonical({"purpose": ROTATE_PURPOSE, "agent_id": agent_id, "new_public_key": new_public_key, "ts": ts})
+
+
+class Node:
+    def __init__(self, home: Home, config: Config | None = None) -> None:
+        self.home = home
+        self.config = config or home.load_config()
+        if not home.root_key_path.exists():
+            raise CharterError("not_initialised", f"{home.root} has no root key; run `charter init`", str(home.root))
+        self.root_key = SigningKey.load_pem(home.root_key_path)
+        self.policies: dict[str, Policy] = load_policies(home.policies_dir)
+        sync = self.config.bus.synchronous
+        self.registry = Registry(home.db_path, synchronous=sync)
+        self.log = SqliteLog(home.db_path, synchronous=sync)
+        window = int(self.config.bus.replay_window * 1000)
+        self.replay = ReplayGuard(window)
+        self.request_guard = ReplayGuard(window)
+        self.operator = AgentRecord(
+            id=OPERATOR_ID, name=OPERATOR_ID, role="operator", public_key=self.root_key.public,
+            status=ACTIVE, reason="", issued_at=0, expires_at=FAR_FUTURE,
+            charter={"scopes": {"publish": [">"], "subscribe": [">"], "read": [">"]}},
+        )
+        self.gate = Gate(self.lookup, self.replay)
+        self.started_at = now_ms()
+        self.counters: dict[str, int] = {"accepted": 0}
+
+    async def start(self) -> None:
+        """Rebuild the replay guard from the log, then announce the start on the bus."""
+        since = now_ms() - self.replay.window_ms
+        for sender, nonce, ts in await self.log.recent_nonces(since):
+            self.replay.remember(sender, nonce, ts)
+        await self.emit("charter.daemon.started", {"version": __version__, "pid": os.getpid()})
+
+    async def close(self) -> None:
+        await self.log.close()
+        self.registry.close()
+
+    def lookup(self, sender: str) -> AgentRecord | None:
+        if sender == OPERATOR_ID:
+            return self.operator
+        return self.registry.get(sender)
+
+    # -- the bus ---------------------------------------------------------------------------
+
+    def _count(self, code: str) -> None:
+        self.counters[code] = self.counters.get(code, 0) + 1
+
+    async def publish(self, data: bytes | Envelope) -> Receipt:
+        """Verify and append one envelope; the receipt means it is durable."""
+        try:
+            env = data if isinstance(data, Envelope) else envmod.parse(data, max_bytes=self.config.bus.max_envelope_bytes)
+            self.gate.check(env)
+        except Rejection as exc:
+            self._count(exc.code)
+            raise
+        try:
+            (receipt,) = await self.log.append((env,))
+        except BaseException:
+            self.replay.release(env.sender, env.nonce)
+            raise
+        self.counters["accepted"] += 1
+        return receipt
+
+    async def publish_batch(self, items: Sequence[Any]) -> list[Outcome]:
+        """Verify each envelope (bytes or decoded dicts); append all accepted ones in one transaction."""
+        if len(items) > self.config.bus.max_batch:
+            raise CharterError(BAD_REQUEST, f"a batch holds at most {self.config.bus.max_batch} envelopes", "batch")
+        max_bytes = self.config.bus.max_envelope_bytes
+        outcomes: list[Outcome | None] = [None] * len(items)
+        accepted: list[tuple[int, Envelope]] = []
+        now = now_ms()
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item, Envelope):
+                    env = item
+                elif isinstance(item, (bytes, str)):
+                    env = envmod.parse(item, max_bytes=max_bytes)
+                else:
+                    env = envmod.from_dict(item, max_bytes=max_bytes)
+                self.gate.check(env, now)
+                accepted.append((i, env))
+            except Rejection as exc:
+                self._count(exc.code)
+                outcomes[i] = Outcome(error=exc)
+        try:
+            receipts = await self.log.append([e for _, e in accepted])
+        except BaseException:
+            for _, env in accepted:
+                self.replay.release(env.sender, env.nonce)
+            raise
+        for (i, _), r in zip(accepted, receipts, strict=True):
+            outcomes[i] = Outcome(receipt=r)
+        self.counters["accepted"] += len(receipts)
+        return outcomes  # type: ignore[return-value]
+
+    async def emit(self, subject: str, payload: Any, kind: str = "event") -> Receipt:
+        """Publish as the operator (signed with the root key): lifecycle and daemon events."""
+        env = envmod.seal(self.root_key, sender=OPERATOR_ID, subject=subject, payload=payload, kind=kind)
+        return await self.publish(env)
+
+    def check_subscription(self, agent: AgentRecord, pattern: str) -> str:
+        try:
+            validate_pattern(pattern)
+        except SubjectError as exc:
+            raise Rejection(MALFORMED, str(exc), "pattern") from None
+        if not agent.subscribe.covers(pattern):
+            raise Rejection(OUT_OF_SCOPE, f"{agent.name} may not subscribe to {pattern!r}", "pattern")
+        return pattern
+
+    def ensure_live(self, agent_id: str) -> AgentRecord:
+        """Re-read an agent's state: used by long streams so a revocation ends them."""
+        agent = self.lookup(agent_id)
+        if agent is None:
+            raise CharterError(REVOKED, "agent no longer exists", "sender")
+        if agent.status == ST_REVOKED:
+            raise CharterError(REVOKED, f"agent {agent.name} was revoked", "sender")
+        if agent.status == ST_SUSPENDED:
+            raise CharterError(SUSPENDED, f"agent {agent.name} is suspended", "sender")
+        if now_ms() >= agent.expires_at:
+            raise CharterError(EXPIRED, f"agent {agent.name}'s charter expired", "sender")
+        return agent
+
+    async def open_consumer(self, agent: AgentRecord, name: str, pattern: str, from_seq: int | None) -> ConsumerState:
+        if not AGENT_NAME.fullmatch(name):
+            raise CharterError(BAD_REQUEST, "a consumer name is lowercase letters, digits and '-'", "consumer")
+        state = await self.log.consumer(agent.id, name)
+        if state is None:
+            start = (from_seq - 1) if from_seq is not None else 0
+            state = ConsumerState(agent.id, name, pattern, max(start, 0))
+            await self.log.put_consumer(state)
+        elif state.pattern != pattern:
+            raise CharterError(
+                CONFLICT, f"consumer {name!r} follows {state.pattern!r}, not {pattern!r}", "consumer"
+            )
+        return state
+
+    async def stream(
+        self, agent: AgentRecord, pattern: str, after_seq: int, *, heartbeat: float = 15.0
+    ) -> AsyncIterator[LogEntry | None]:
+        """Entries matching `pattern` after `after_seq`, then live ones. Yields None as a heartbeat.
+
+        Ends with CharterError as soon as the subscriber is revoked, suspended or expired.
+        """
+        last = after_seq
+        while True:
+            self.ensure_live(agent.id)
+            entries = await self.log.read(last, 500)
+            if entries:
+                for e in entries:
+                    last = e.seq
+                    if matches(pattern, e.subject):
+                        yield e
+                continue
+            head = await self.log.wait(last, heartbeat)
+            if head <= last:
+                yield None
+
+    async def read_recent(self, agent: AgentRecord, pattern: str, limit: int, before_seq: int | None = None) -> list[LogEntry]:
+        """The last `limit` entries matching `pattern` (for `charter tail` and the agent's view)."""
+        self.check_subscription(agent, pattern)
+        head = (await self.log.head())[0] if before_seq is None else before_seq - 1
+        out: list[LogEntry] = []
+        cursor = head
+        while cursor > 0 and len(out) < limit:
+            start = max(cursor - 2000, 0)
+            chunk = [e for e in await self.log.read(start, cursor - start) if matches(pattern, e.subject)]
+            out = chunk + out
+            cursor = start
+        return out[-limit:]
+
+    # -- invites and enrolment -------------------------------------------------------------
+
+    async def create_invite(self, role: str, ttl: float | None = None, uses: int = 1, note: str = "") -> tuple[str, Invite]:
+        if role not in self.config.roles:
+            raise CharterError(BAD_REQUEST, f"no role {role!r}; roles: {', '.join(sorted(self.config.roles))}", "role")
+        ttl = self.config.identity.invite_ttl if ttl is None else ttl
+        if not 0 < ttl <= self.config.identity.max_invite_ttl:
+            raise CharterError(BAD_REQUEST, f"ttl must be between 1s and {self.config.identity.max_invite_ttl:g}s", "ttl")
+        if not 1 <= uses <= 1000:
+            raise CharterError(BAD_REQUEST, "uses must be between 1 and 1000", "uses")
+        token = new_token()
+        now = now_ms()
+        inv = Invite(f"inv_{ULID()}", role, uses, uses, now, now + int(ttl * 1000), False, note[:200])
+        self.registry.add_invite(inv, token_hash(token))
+        await self.emit("charter.invites.created", {"invite_id": inv.id, "role": role, "uses": uses,
+                                                   "expires_at": inv.expires_at})
+        return token, inv
+
+    async def revoke_invite(self, invite_id: str) -> None:
+        self.registry.revoke_invite(invite_id)
+        await self.emit("charter.invites.revoked", {"invite_id": invite_id})
+
+    def _charter_body(self, agent_id: str, name: str, public_key: str, role_name: str, sandbox: str) -> dict[str, Any]:
+        role = self.config.roles[role_name]
+        policy = self.policies.get(role.policy)
+        if policy is None:
+            raise CharterError(CONFLICT, f"role {role_name!r} names policy {role.policy!r}, which is not in policies/", "policy")
+
+        def fill(patterns: list[str]) -> list[str]:
+            return [p.replace("{name}", name).replace("{id}", agent_id) for p in patterns]
+
+        now = now_ms()
+        ttl = role.charter_ttl or self.config.identity.charter_ttl
+        return {
+            "serial": str(ULID()),
+            "agent_id": agent_id,
+            "name": name,
+            "public_key": public_key,
+            "role": role_name,
+            "scopes": {"publish": fill(role.publish), "subscribe": fill(role.subscribe), "read": fill(role.read)},
+            "policy": policy.binding(),
+            "max_tier": role.max_tier,
+            "budget": {"usd_per_day": role.budget_usd_per_day, "tokens_per_day": role.budget_tokens_per_day},
+            "sandbox": {"path": sandbox, "quota_bytes": role.sandbox_quota},
+            "issued_at": now,
+            "expires_at": now + int(ttl * 1000),
+            "renew_after": now + int(max(ttl - self.config.identity.renew_before, ttl / 2) * 1000),
+        }
+
+    def _issue(self, body: dict[str, Any]) -> dict[str, Any]:
+        return sign_charter(self.root_key, body)
+
+    async def enroll(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Redeem an invite for a new agent whose key was made where it runs; returns its charter."""
+        token = request.get("token")
+        name = request.get("name")
+        pub = request.get("public_key")
+        ts = request.get("ts")
+        proof = request.get("proof")
+        role = request.get("role")
+        if not isinstance(token, str) or not looks_like_token(token):
+            raise CharterError(BAD_TOKEN, "token is not a Charter invite token (chi_...)", "token")
+        if not isinstance(name, str) or not AGENT_NAME.fullmatch(name):
+            raise CharterError(BAD_REQUEST, "name must be lowercase letters, digits and '-', starting with a letter", "name")
+        if role is not None and not isinstance(role, str):
+            raise CharterError(BAD_REQUEST, "role must be a string", "role")
+        try:
+            public = PublicKey.from_b64(pub)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            raise CharterError(BAD_REQUEST, "public_key must be a base64url Ed25519 public key", "public_key") from None
+        if type(ts) is not int or abs(now_ms() - ts) > self.replay.window_ms:
+            raise CharterError(REPLAY, "enrolment request timestamp is outside the replay window", "ts")
+        th = token_hash(token)
+        try:
+            from charter.encoding import b64d
+
+            ok = isinstance(proof, str) and public.verify(b64d(proof), enroll_proof_message(th, name, public.b64, ts))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CharterError(BAD_SIGNATURE, "proof of possession does not verify with public_key", "proof")
+
+        agent_id = f"agt_{ULID()}"
+        sandbox_root = self.home.sandboxes_dir / agent_id
+
+        def build(role_name: str) -> AgentRecord:
+            if role_name not in self.config.roles:
+                raise CharterError(BAD_TOKEN, f"this invite's role {role_name!r} no longer exists", "token")
+            body = self._charter_body(agent_id, name, public.b64, role_name, str(sandbox_root))
+            Sandbox(sandbox_root, body["sandbox"]["quota_bytes"]).create()
+            charter = self._issue(body)
+            return AgentRecord(
+                id=agent_id, name=name, role=role_name, public_key=public, status=ACTIVE, reason="",
+                charter=charter, issued_at=charter["issued_at"], expires_at=charter["expires_at"],
+            )
+
+        rec = self.registry.redeem(th, name=name, expected_role=role, build=build)
+        await self.emit("charter.agents.enrolled", {
+            "agent_id": rec.id, "name": rec.name, "role": rec.role, "key_id": rec.public_key.key_id,
+            "policy": rec.charter["policy"], "expires_at": rec.expires_at,
+        })
+        return {"charter": rec.charter, "root_public_key": self.root_key.public.b64}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def set_status(self, ref: str, action: str, reason: str = "") -> AgentRecord:
+        rec = self.registry.find(ref)
+        if rec.status == ST_REVOKED:
+            raise CharterError(CONFLICT, f"agent {rec.name} is revoked; revocation is final", "agent")
+        target = {"suspend": ST_SUSPENDED, "resume": ACTIVE, "revoke": ST_REVOKED}[action]
+        if rec.status == target:
+            return rec
+        rec = self.registry.set_status(rec.id, target, reason)
+        past = {"suspend": "suspended", "resume": "resumed", "revoke": "revoked"}[action]
+        await self.emit(f"charter.agents.{past}", {"agent_id": rec.id, "name": rec.name, "reason": reason})
+        return rec
+
+    async def renew(self, agent: AgentRecord) -> dict[str, Any]:
+        """A fresh charter for a live agent, re-derived from its role as it is configured now."""
+        agent = self.ensure_live(agent.id)
+        body = self._charter_body(agent.id, agent.name, agent.public_key.b64, agent.role, agent.charter["sandbox"]["path"])
+        charter = self._issue(body)
+        self.registry.replace_charter(agent, charter, agent.public_key)
+        await self.emit("charter.agents.renewed", {"agent_id": agent.id, "name": agent.name,
+                                                  "expires_at": charter["expires_at"]})
+        return charter
+
+    async def rotate_key(self, agent: AgentRecord, request: dict[str, Any]) -> dict[str, Any]:
+        """Swap the agent's key for one it generated and proves it holds; the old key stops working."""
+        agent = self.ensure_live(agent.id)
+        pub, ts, proof = request.get("new_public_key"), request.get("ts"), request.get("proof")
+        try:
+            new = PublicKey.from_b64(pub)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            raise CharterError(BAD_REQUEST, "new_public_key must be a base64url Ed25519 public key", "new_public_key") from None
+        if new == agent.public_key:
+            raise CharterError(BAD_REQUEST, "the new key is the current key", "new_public_key")
+        if type(ts) is not int or abs(now_ms() - ts) > self.replay.window_ms:
+            raise CharterError(REPLAY, "rotation request timestamp is outside the replay window", "ts")
+        from charter.encoding import b64d
+
+        try:
+            ok = isinstance(proof, str) and new.verify(b64d(proof), rotate_proof_message(agent.id, new.b64, ts))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CharterError(BAD_SIGNATURE, "proof of possession of the new key does not verify", "proof")
+        body = self._charter_body(agent.id, agent.name, new.b64, agent.role, agent.charter["sandbox"]["path"])
+        charter = self._issue(body)
+        old_id = agent.public_key.key_id
+        self.registry.replace_charter(agent, charter, new)
+        await self.emit("charter.agents.key_rotated", {"agent_id": agent.id, "name": agent.name,
+                                                      "old_key_id": old_id, "new_key_id": new.key_id})
+        return charter
+
+    def sandbox(self, agent: AgentRecord) -> Sandbox:
+        sb = agent.charter.get("sandbox") or {}
+        return Sandbox(self.home.sandboxes_dir / agent.id, int(sb.get("quota_bytes", 0)))
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        seq, head = await self.log.head()
+        agents = self.registry.all()
+        by_status: dict[str, int] = {}
+        for a in agents:
+            by_status[a.status] = by_status.get(a.status, 0) + 1
+        return {
+            "version": __version__,
+            "home": str(self.home.root),
+            "pid": os.getpid(),
+            "uptime_s": round((now_ms() - self.started_at) / 1000, 1),
+            "root_key_id": self.root_key.public.key_id,
+            "log": {"backend": self.config.bus.backend, "head_seq": seq, "head_hash": head.hex()},
+            "agents": by_status,
+            "counters": dict(self.counters),
+            "policies": {p.id: p.binding() for p in self.policies.values()},
+            "roles": sorted(self.config.roles),
+        }
+
+
+def decode_json_body(body: bytes, what: str = "request") -> Any:
+    try:
+        return loads(body)
+    except ValueError as exc:
+        raise CharterError(MALFORMED, f"{what} body is not JSON: {exc}", "body") from None
+
+
+def ms_to_iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))

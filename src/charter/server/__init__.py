@@ -1,0 +1,1 @@
+"""The daemon's HTTP surface: agent API, operator API, OpenAPI description."""
