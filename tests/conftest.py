@@ -1,0 +1,121 @@
+"""Shared fixtures: a fresh CHARTER_HOME, a real daemon process on a spare loopback port, enrolled agents.
+
+Nothing here is mocked: the daemon is `python -m charter up`, reached over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from charter.cli.operator import OperatorClient
+from charter.config import Home
+from charter.identity.init import init_home
+from charter.sdk import Agent
+from charter.server.daemon import spawn, stop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_home(root: Path, **bus: Any) -> Home:
+    home = Home(root)
+    init_home(home)
+    text = home.config_path.read_text()
+    text = re.sub(r"(?m)^port = \d+", f"port = {free_port()}", text)
+    for key, value in bus.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    home.config_path.write_text(text)
+    return home
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    return make_home(tmp_path / "home")
+
+
+class Daemon:
+    """A running `charter up` for one test (or one module)."""
+
+    def __init__(self, home: Home, info: dict[str, Any]) -> None:
+        self.home, self.info, self.url = home, info, info["url"]
+        self.pid: int = info["pid"]
+        self._n = 0
+
+    def operator(self) -> OperatorClient:
+        return OperatorClient(self.home)
+
+    async def invite(self, role: str = "worker", **kw: Any) -> str:
+        async with self.operator() as op:
+            answer = await op.call("POST", "/v1/admin/invites", json={"role": role, **kw})
+        return answer["token"]
+
+    async def enroll(self, name: str | None = None, role: str = "worker", creds_dir: Path | None = None) -> Agent:
+        self._n += 1
+        name = name or f"agent{self._n}"
+        token = await self.invite(role)
+        path = (creds_dir or self.home.root.parent) / f"{name}.creds.json"
+        return await Agent.enroll(self.url, token, name, path)
+
+    async def admin(self, method: str, path: str, **kw: Any) -> Any:
+        async with self.operator() as op:
+            return await op.call(method, path, **kw)
+
+
+def start_daemon(home: Home) -> Daemon:
+    return Daemon(home, spawn(home))
+
+
+@pytest.fixture
+def daemon(home: Home) -> Iterator[Daemon]:
+    d = start_daemon(home)
+    yield d
+    stop(home)
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for a whole module whose tests don't disturb each other."""
+    home = make_home(tmp_path_factory.mktemp("shared") / "home")
+    d = start_daemon(home)
+    yield d
+    stop(home)
+
+
+def require_ci_service(name: str, host: str, port: int) -> None:
+    """Skip when a server is absent outside CI; fail under CI=true, where it must be running."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        msg = f"{name} is not running on {host}:{port}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " (CI must start it)")
+        pytest.skip(msg)
+
+
+async def aclose(*agents: Agent) -> None:
+    for a in agents:
+        await a.close()
+
+
+@pytest.fixture
+async def agents(daemon: Daemon) -> AsyncIterator[dict[str, Agent]]:
+    """Two agents of different roles: `worker` (alpha) and `observer` (owl)."""
+    alpha = await daemon.enroll("alpha", "worker")
+    owl = await daemon.enroll("owl", "observer")
+    yield {"alpha": alpha, "owl": owl}
+    await aclose(alpha, owl)
