@@ -51,6 +51,41 @@ class IdentityConfig(_Strict):
     max_invite_ttl: Seconds = Field(7 * 86400.0, gt=0)
 
 
+class PolicyConfig(_Strict):
+    approval_ttl: Seconds = Field(900.0, gt=0, le=30 * 86400)
+
+
+class BudgetConfig(_Strict):
+    timezone: str = "UTC"
+    soft_ratio: float = Field(0.8, gt=0, le=1)
+    reservation_ttl: Seconds = Field(600.0, gt=0, le=86400)
+    tier_caps: dict[Tier, float] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as 'Europe/Berlin'") from None
+        return value
+
+    @field_validator("tier_caps")
+    @classmethod
+    def _caps(cls, value: dict[str, float]) -> dict[str, float]:
+        for tier, cap in value.items():
+            if cap < 0:
+                raise ValueError(f"cap for {tier} cannot be negative")
+        return value
+
+
+class PriceConfig(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
 class RoleConfig(_Strict):
     description: str = ""
     publish: list[str] = Field(default_factory=list)
@@ -78,6 +113,9 @@ class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     bus: BusConfig = BusConfig()
     identity: IdentityConfig = IdentityConfig()
+    policy: PolicyConfig = PolicyConfig()
+    budget: BudgetConfig = BudgetConfig()
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
 
     @field_validator("roles")

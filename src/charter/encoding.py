@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -22,12 +23,26 @@ class EncodingError(ValueError):
     """The value cannot be encoded canonically (a non-string key, a huge integer, NaN...)."""
 
 
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 def canonical(value: Any) -> bytes:
     """Encode `value` as canonical JSON bytes."""
     try:
-        return orjson.dumps(value, option=_CANON)
+        data = orjson.dumps(value, option=_CANON)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EncodingError(str(exc)) from exc
+    # orjson writes NaN and infinities as `null`; refuse them rather than change the value.
+    if b"null" in data and _non_finite(value):
+        raise EncodingError("NaN and infinities have no JSON form")
+    return data
 
 
 def loads(data: bytes | str) -> Any:

@@ -47,6 +47,8 @@ HTTP_STATUS: dict[str, int] = {
     REPLAY: 409,
     CONFLICT: 409,
     QUOTA_EXCEEDED: 507,
+    "budget_exceeded": 402,
+    "approval_required": 202,
 }
 
 
@@ -58,6 +60,12 @@ class CharterError(Exception):
         self.code = code
         self.message = message
         self.where = where
+        self.details: dict[str, Any] | None = None
+
+    def with_details(self, details: dict[str, Any]) -> CharterError:
+        """Attach machine-readable context (e.g. what a budget refusal asked and what is left)."""
+        self.details = details
+        return self
 
     @property
     def http_status(self) -> int:
@@ -67,6 +75,8 @@ class CharterError(Exception):
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.where:
             body["where"] = self.where
+        if self.details:
+            body["details"] = self.details
         return body
 
     def __str__(self) -> str:

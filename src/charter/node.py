@@ -6,6 +6,8 @@ operator action becomes both a state change and an event on the bus, attributed 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import time
@@ -52,9 +54,10 @@ from charter.identity.registry import (
 from charter.identity.registry import REVOKED as ST_REVOKED
 from charter.identity.registry import SUSPENDED as ST_SUSPENDED
 from charter.identity.tokens import looks_like_token, new_token, token_hash
-from charter.policy.store import Policy, load_policies
+from charter.governance import Governance
 from charter.sandbox import Sandbox
 
+log = logging.getLogger("charter.node")
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 FAR_FUTURE = 2**62
 ENROLL_PURPOSE = "charter.enroll"
@@ -88,7 +91,6 @@ class Node:
         if not home.root_key_path.exists():
             raise CharterError("not_initialised", f"{home.root} has no root key; run `charter init`", str(home.root))
         self.root_key = SigningKey.load_pem(home.root_key_path)
-        self.policies: dict[str, Policy] = load_policies(home.policies_dir)
         sync = self.config.bus.synchronous
         self.registry = Registry(home.db_path, synchronous=sync)
         self.log = SqliteLog(home.db_path, synchronous=sync)
@@ -100,9 +102,12 @@ class Node:
             status=ACTIVE, reason="", issued_at=0, expires_at=FAR_FUTURE,
             charter={"scopes": {"publish": [">"], "subscribe": [">"], "read": [">"]}},
         )
-        self.gate = Gate(self.lookup, self.replay)
+        self.gov = Governance(home, self.config, self.emit, self.root_key.public)
+        self.gate = Gate(self.lookup, self.replay, self.gov)
         self.started_at = now_ms()
         self.counters: dict[str, int] = {"accepted": 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Rebuild the replay guard from the log, then announce the start on the bus."""
@@ -110,10 +115,30 @@ class Node:
         for sender, nonce, ts in await self.log.recent_nonces(since):
             self.replay.remember(sender, nonce, ts)
         await self.emit("charter.daemon.started", {"version": __version__, "pid": os.getpid()})
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self, every: float = 1.0) -> None:
+        """Expire undecided approvals into denials and return leaked budget reservations."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.gov.expire_due()
+                self.gov.ledger.sweep()
+            except Exception:  # noqa: BLE001 - keep sweeping; the next pass retries
+                log.exception("sweep failed")
 
     async def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for t in list(self._tasks):
+            t.cancel()
         await self.log.close()
         self.registry.close()
+        self.gov.close()
+
+    @property
+    def policies(self) -> dict[str, Any]:
+        return self.gov.current
 
     def lookup(self, sender: str) -> AgentRecord | None:
         if sender == OPERATOR_ID:
@@ -139,7 +164,21 @@ class Node:
             self.replay.release(env.sender, env.nonce)
             raise
         self.counters["accepted"] += 1
+        if env.kind == "action":
+            self._after_action(env, receipt)
         return receipt
+
+    def _after_action(self, env: Envelope, receipt: Receipt) -> None:
+        """An action request on the bus gets a decision event, as if asked through act()."""
+        agent = self.lookup(env.sender)
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        action, attrs = payload.get("action"), payload.get("attrs", {})
+        if agent is None or agent.id == OPERATOR_ID or not isinstance(action, str) or not isinstance(attrs, dict):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.gov.act(agent, action, attrs, request={"id": env.id, "seq": receipt.seq}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def publish_batch(self, items: Sequence[Any]) -> list[Outcome]:
         """Verify each envelope (bytes or decoded dicts); append all accepted ones in one transaction."""
@@ -168,8 +207,10 @@ class Node:
             for _, env in accepted:
                 self.replay.release(env.sender, env.nonce)
             raise
-        for (i, _), r in zip(accepted, receipts, strict=True):
+        for (i, env), r in zip(accepted, receipts, strict=True):
             outcomes[i] = Outcome(receipt=r)
+            if env.kind == "action":
+                self._after_action(env, r)
         self.counters["accepted"] += len(receipts)
         return outcomes  # type: ignore[return-value]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
 _DUR_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -16,6 +18,8 @@ _SIZE_UNITS = {
 def parse_duration(text: str | int | float) -> float:
     """Seconds in `text`: a number of seconds, or compound units such as `1h30m`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise ValueError(f"{text!r} is not a duration")
         if text < 0:
             raise ValueError("a duration cannot be negative")
         return float(text)
@@ -28,7 +32,7 @@ def parse_duration(text: str | int | float) -> float:
             break
         total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
         pos = m.end()
-    if pos != len(s) or not s:
+    if pos != len(s) or not s or not math.isfinite(total):
         raise ValueError(f"{text!r} is not a duration; use e.g. '90s', '15m', '2h', '30d' or '1h30m'")
     return total
 
@@ -51,4 +55,5 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    # Positional notation, exact: parse_duration reads no exponents, and `:g` kept 6 digits only.
+    return format(Decimal(repr(float(seconds))), "f").removesuffix(".0") + "s"

@@ -68,7 +68,7 @@ class Gate:
                     OUT_OF_SCOPE, f"{agent.name} may not publish to {env.subject!r}", "subject"
                 )
             decision = self.policy.decide(agent, env)
-            if not decision.allow:
+            if not decision.allowed:
                 raise Rejection(POLICY_DENIED, f"{decision.reason} (rule {decision.rule})", "policy")
         except Rejection:
             self.replay.release(env.sender, env.nonce)

@@ -36,6 +36,12 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(invites_app, name="invites")
 app.add_typer(log_app, name="log")
 
+from charter.cli.governance import approvals_app, budget_app, policy_app  # noqa: E402
+
+app.add_typer(policy_app, name="policy")
+app.add_typer(approvals_app, name="approvals")
+app.add_typer(budget_app, name="budget")
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 CredsOpt = Annotated[Path, typer.Option("--creds", help="The agent's credentials file (from `charter enroll`).")]
 

@@ -34,13 +34,14 @@ def init_home(home: Home) -> InitReport:
             write_private(path, data, mode=mode, exclusive=True)
             report.created.append(str(path.relative_to(home.root)))
 
-    for d in (home.keys_dir, home.sandboxes_dir, home.run_dir, home.policies_dir):
+    for d in (home.keys_dir, home.sandboxes_dir, home.run_dir, home.policies_dir, home.policies_dir / "tests"):
         existed = d.exists()
         private_dir(d)
         (report.kept if existed else report.created).append(str(d.relative_to(home.root)) + "/")
 
     put(home.config_path, _default("charter.toml"))
     put(home.policies_dir / "default.toml", _default("policies/default.toml"))
+    put(home.policies_dir / "tests" / "default.toml", _default("policies/tests/default.toml"))
 
     if home.root_key_path.exists():
         report.kept.append(str(home.root_key_path.relative_to(home.root)))

@@ -190,6 +190,46 @@ class Agent:
         if self.path:
             self.creds.save(self.path)
 
+    # -- actions, approvals, budgets --------------------------------------------------------
+
+    async def act(self, action: str, attrs: dict[str, Any] | None = None, *, wait: float = 0.0) -> dict[str, Any]:
+        """Ask the bound policy whether `action` may run. `effect` is allow, deny or approve.
+
+        With `wait`, an action that needs an approval waits up to that many seconds for the
+        operator; approved, it comes back `allow` (and a one-shot approval is used up by this call).
+        """
+        body: dict[str, Any] = {"action": action, "attrs": attrs or {}}
+        if wait:
+            body["wait"] = f"{wait:g}s"
+        return await self.http.call("POST", "/v1/agent/act", json=body)
+
+    async def wait_approval(self, approval_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for an approval's decision; `effect` is allow (claimed now), deny, or approve (still pending)."""
+        return await self.http.call("GET", f"/v1/agent/approvals/{quote(approval_id, safe='')}",
+                                    params={"wait": f"{timeout:g}s"})
+
+    async def budget(self) -> dict[str, Any]:
+        return await self.http.call("GET", "/v1/agent/budget")
+
+    async def reserve(self, *, model: str = "", input_tokens: int = 0, max_output_tokens: int = 0,
+                      usd: float | None = None, action: str = "model.call") -> dict[str, Any]:
+        """Reserve budget before a paid call; raises CharterError `budget_exceeded` with what is left."""
+        body: dict[str, Any] = {"model": model, "input_tokens": input_tokens,
+                                "max_output_tokens": max_output_tokens, "action": action}
+        if usd is not None:
+            body["usd"] = usd
+        return await self.http.call("POST", "/v1/agent/budget/reserve", json=body)
+
+    async def settle(self, reservation_id: str, *, tokens_in: int = 0, tokens_out: int = 0,
+                     usd: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"reservation_id": reservation_id, "tokens_in": tokens_in, "tokens_out": tokens_out}
+        if usd is not None:
+            body["usd"] = usd
+        return await self.http.call("POST", "/v1/agent/budget/settle", json=body)
+
+    async def release(self, reservation_id: str) -> dict[str, Any]:
+        return await self.http.call("POST", "/v1/agent/budget/release", json={"reservation_id": reservation_id})
+
     # -- the sandbox -----------------------------------------------------------------------
 
     async def sandbox_list(self) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class SignedClient:
                 if raw:
                     return content
                 return orjson.loads(content) if content else None
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise CharterError(UNREACHABLE, f"cannot reach the Charter daemon at {self.base_url}: {exc}",
                                self.base_url) from None
 
@@ -86,14 +86,17 @@ class SignedClient:
                         data += line[5:].lstrip(b" ")
                     elif line.startswith(b"event:"):
                         event = line[6:].strip().decode()
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise CharterError(UNREACHABLE, f"lost the stream from {self.base_url}: {exc}", self.base_url) from None
 
 
 def error_from(status: int, content: bytes) -> CharterError:
     try:
         err = orjson.loads(content)["error"]
-        return CharterError(err["code"], err["message"], err.get("where"))
+        exc = CharterError(err["code"], err["message"], err.get("where"))
+        if err.get("details"):
+            exc.details = err["details"]
+        return exc
     except (ValueError, KeyError, TypeError):
         text = content[:300].decode(errors="replace")
         return CharterError("http_error", f"HTTP {status}: {text}")

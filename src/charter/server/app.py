@@ -139,6 +139,10 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
                         consumer: str | None = None, heartbeat: str = "15s") -> Response:
         who = await caller(request)
         node.check_subscription(who, pattern)
+        try:
+            beat = min(max(parse_duration(heartbeat), 0.05), 60.0)
+        except ValueError as exc:
+            raise CharterError(BAD_REQUEST, str(exc), "heartbeat") from None
         last_id = request.headers.get("last-event-id")
         if from_seq is None and last_id and last_id.isdigit():
             from_seq = int(last_id) + 1
@@ -149,7 +153,6 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
             after = max(from_seq - 1, 0)
         else:
             after = (await node.log.head())[0]
-        beat = min(max(parse_duration(heartbeat), 0.05), 60.0)
 
         async def events() -> AsyncIterator[bytes]:
             yield b": charter stream open\n\n"
@@ -294,4 +297,7 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
         rec = await node.set_status(ref, action, reason)
         return _json(rec.to_dict())
 
+    from charter.server.governance_routes import add_governance_routes
+
+    add_governance_routes(app, node, caller, operator)
     return app

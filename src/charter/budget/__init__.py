@@ -1,0 +1,1 @@
+"""Budgets: prices, an exact ledger (reserve -> settle -> release), periods."""

@@ -1,0 +1,374 @@
+"""The budget ledger: reserve before a paid call, settle after it, release what was not used.
+
+Exact by construction. Every reservation is one SQLite transaction that checks every limit that
+applies (global, the role's, the agent's; per period; in micro-dollars and in tokens) against
+`committed + reserved` and takes its share only if all of them fit. Writers from any number of
+processes are serialised by an exclusive `flock` taken before the transaction, which wakes the next
+writer the moment the lock is free (SQLite's own busy handler sleeps in steps of milliseconds).
+
+A reservation carries an expiry: one leaked by a crashed client is swept back into the budget by
+the next writer after its TTL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ulid import ULID
+
+from charter.budget.periods import PERIODS, period_key
+from charter.db import connect
+from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
+
+BUDGET_EXCEEDED = "budget_exceeded"
+UNITS = ("usd", "tokens")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_limits (
+    scope      TEXT NOT NULL,
+    unit       TEXT NOT NULL CHECK (unit IN ('usd', 'tokens')),
+    period     TEXT NOT NULL CHECK (period IN ('hour', 'day', 'month', 'total')),
+    hard       INTEGER NOT NULL CHECK (hard >= 0),
+    soft_ratio REAL NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (scope, unit, period)
+);
+CREATE TABLE IF NOT EXISTS budget_usage (
+    scope      TEXT NOT NULL,
+    unit       TEXT NOT NULL,
+    period     TEXT NOT NULL,
+    period_key TEXT NOT NULL,
+    reserved   INTEGER NOT NULL DEFAULT 0,
+    committed  INTEGER NOT NULL DEFAULT 0,
+    alerted    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, unit, period, period_key)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id          TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    usd         INTEGER NOT NULL,
+    tokens      INTEGER NOT NULL,
+    charges     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('held', 'settled', 'released', 'expired')),
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    closed_at   INTEGER
+);
+CREATE INDEX IF NOT EXISTS reservations_held ON reservations (state, expires_at);
+CREATE TABLE IF NOT EXISTS spend (
+    id             INTEGER PRIMARY KEY,
+    reservation_id TEXT NOT NULL,
+    agent_id       TEXT NOT NULL,
+    role           TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    usd            INTEGER NOT NULL,
+    tokens_in      INTEGER NOT NULL,
+    tokens_out     INTEGER NOT NULL,
+    ts             INTEGER NOT NULL,
+    day            TEXT NOT NULL,
+    overrun        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts);
+"""
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    scope: str  # global | role:NAME | agent:ID
+    unit: str  # usd (micro-dollars) | tokens
+    period: str
+    hard: int
+    soft_ratio: float = 0.8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scope": self.scope, "unit": self.unit, "period": self.period, "hard": self.hard,
+                "soft_ratio": self.soft_ratio}
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    usd: int
+    tokens: int
+    expires_at: int
+    alerts: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reservation_id": self.id, "usd_micros": self.usd, "tokens": self.tokens,
+                "expires_at": self.expires_at}
+
+
+@dataclass(slots=True)
+class Settlement:
+    reservation_id: str
+    usd: int
+    tokens: int
+    overrun: bool
+    late: bool
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def describe(unit: str, amount: int) -> str:
+    return f"${amount / 1e6:.6f}".rstrip("0").rstrip(".") if unit == "usd" else f"{amount} tokens"
+
+
+class Ledger:
+    def __init__(self, path: Path, *, timezone: str = "UTC", synchronous: str = "normal") -> None:
+        self.path = path
+        self.tz = ZoneInfo(timezone)
+        self._db = connect(path, synchronous=synchronous)
+        self._db.executescript(SCHEMA)
+        self._lock_path = path.with_name(path.name + ".ledger.lock")
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._thread_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+        os.close(self._lock_fd)
+
+    @contextmanager
+    def _txn(self) -> Iterator[Any]:
+        """An IMMEDIATE transaction under the cross-process writer lock."""
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def set_limit(self, limit: Limit) -> None:
+        if limit.unit not in UNITS or limit.period not in PERIODS:
+            raise CharterError(BAD_REQUEST, f"unit must be usd or tokens and period one of {', '.join(PERIODS)}", "budget")
+        if not (limit.scope == "global" or limit.scope.startswith(("role:", "agent:"))):
+            raise CharterError(BAD_REQUEST, "scope is global, role:NAME or agent:ID", "scope")
+        if limit.hard < 0 or not 0 < limit.soft_ratio <= 1:
+            raise CharterError(BAD_REQUEST, "the limit must be >= 0 and soft_ratio in (0, 1]", "limit")
+        with self._txn() as db:
+            db.execute(
+                "INSERT INTO budget_limits VALUES (?,?,?,?,?,?) ON CONFLICT (scope, unit, period) DO UPDATE SET "
+                "hard = excluded.hard, soft_ratio = excluded.soft_ratio, updated_at = excluded.updated_at",
+                (limit.scope, limit.unit, limit.period, limit.hard, limit.soft_ratio, _now()),
+            )
+
+    def remove_limit(self, scope: str, unit: str, period: str) -> None:
+        with self._txn() as db:
+            cur = db.execute("DELETE FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+            if cur.rowcount == 0:
+                raise CharterError(NOT_FOUND, f"no {period} {unit} limit for {scope}", "budget")
+
+    def limits(self, scopes: list[str] | None = None) -> list[Limit]:
+        if scopes is None:
+            rows = self._db.execute("SELECT scope, unit, period, hard, soft_ratio FROM budget_limits").fetchall()
+        else:
+            marks = ",".join("?" * len(scopes))
+            rows = self._db.execute(
+                f"SELECT scope, unit, period, hard, soft_ratio FROM budget_limits WHERE scope IN ({marks})", scopes
+            ).fetchall()
+        return [Limit(*r) for r in rows]
+
+    def applicable(self, agent_id: str, role: str, defaults: list[Limit]) -> list[Limit]:
+        """The limits that bind an agent: global, its role's, its own (explicit ones replace defaults)."""
+        found = self.limits(["global", f"role:{role}", f"agent:{agent_id}"])
+        explicit = {(lim.unit, lim.period) for lim in found if lim.scope == f"agent:{agent_id}"}
+        return found + [d for d in defaults if (d.unit, d.period) not in explicit]
+
+    # -- reserve, settle, release ----------------------------------------------------------
+
+    def _sweep(self, db: Any, now: int) -> int:
+        rows = db.execute(
+            "SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= ? LIMIT 500", (now,)
+        ).fetchall()
+        for rid, charges in rows:
+            for scope, unit, period, key, amount in json.loads(charges):
+                db.execute(
+                    "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                    (amount, scope, unit, period, key),
+                )
+            db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
+        return len(rows)
+
+    def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
+                model: str = "", action: str = "model.call", ttl_s: float = 600.0,
+                now: int | None = None) -> Reservation:
+        """Take `usd` micro-dollars and `tokens` from every applicable limit, or none of them."""
+        if usd < 0 or tokens < 0:
+            raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        now = _now() if now is None else now
+        rid = f"res_{ULID()}"
+        alerts: list[dict[str, Any]] = []
+        with self._txn() as db:
+            self._sweep(db, now)
+            charges = []
+            for lim in limits:
+                amount = usd if lim.unit == "usd" else tokens
+                key = period_key(lim.period, now, self.tz)
+                row = db.execute(
+                    "SELECT reserved, committed, alerted FROM budget_usage WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                    (lim.scope, lim.unit, lim.period, key),
+                ).fetchone()
+                reserved, committed, alerted = row if row else (0, 0, 0)
+                left = lim.hard - reserved - committed
+                if amount > left:
+                    raise CharterError(
+                        BUDGET_EXCEEDED,
+                        f"{lim.scope} {lim.period} {lim.unit} budget: asked {describe(lim.unit, amount)}, "
+                        f"{describe(lim.unit, max(left, 0))} left of {describe(lim.unit, lim.hard)}",
+                        f"budget:{lim.scope}:{lim.unit}:{lim.period}",
+                    ).with_details({"scope": lim.scope, "unit": lim.unit, "period": lim.period,
+                                    "period_key": key, "asked": amount, "left": max(left, 0),
+                                    "hard": lim.hard, "committed": committed, "reserved": reserved})
+                if amount == 0:
+                    continue
+                if not row:
+                    db.execute("INSERT INTO budget_usage VALUES (?,?,?,?,0,0,0)", (lim.scope, lim.unit, lim.period, key))
+                db.execute(
+                    "UPDATE budget_usage SET reserved = reserved + ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                    (amount, lim.scope, lim.unit, lim.period, key),
+                )
+                charges.append((lim.scope, lim.unit, lim.period, key, amount))
+                used = reserved + committed + amount
+                if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
+                    db.execute(
+                        "UPDATE budget_usage SET alerted = 1 WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                        (lim.scope, lim.unit, lim.period, key),
+                    )
+                    alerts.append({"scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key,
+                                   "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
+            expires = now + int(ttl_s * 1000)
+            db.execute(
+                "INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,'held',?,?,NULL)",
+                (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires),
+            )
+        return Reservation(rid, usd, tokens, expires, tuple(alerts))
+
+    def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
+               agent_id: str | None = None, now: int | None = None) -> Settlement:
+        """Commit the actual use (at most what was reserved) and release the rest."""
+        if usd < 0 or tokens_in < 0 or tokens_out < 0:
+            raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        now = _now() if now is None else now
+        tokens = tokens_in + tokens_out
+        with self._txn() as db:
+            row = db.execute(
+                "SELECT agent_id, role, model, usd, tokens, charges, state FROM reservations WHERE id = ?",
+                (reservation_id,),
+            ).fetchone()
+            if row is None or (agent_id is not None and row[0] != agent_id):
+                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+            owner, role, model, r_usd, r_tokens, charges, state = row
+            if state in ("settled", "released"):
+                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
+            overrun = usd > r_usd or tokens > r_tokens
+            c_usd, c_tokens = min(usd, r_usd), min(tokens, r_tokens)
+            late = state == "expired"
+            for scope, unit, period, key, amount in json.loads(charges):
+                actual = c_usd if unit == "usd" else c_tokens
+                if late:
+                    # Swept already: commit only what still fits, so the cap still holds.
+                    got = db.execute(
+                        "SELECT reserved + committed FROM budget_usage WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                        (scope, unit, period, key),
+                    ).fetchone()
+                    hard = db.execute(
+                        "SELECT hard FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
+                    ).fetchone()
+                    room = (hard[0] - got[0]) if hard and got else actual
+                    if actual > room:
+                        overrun, actual = True, max(room, 0)
+                    db.execute(
+                        "UPDATE budget_usage SET committed = committed + ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                        (actual, scope, unit, period, key),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
+                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                        (amount, actual, scope, unit, period, key),
+                    )
+            db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, reservation_id))
+            db.execute(
+                "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
+                 period_key("day", now, self.tz), int(overrun)),
+            )
+        return Settlement(reservation_id, usd, tokens, overrun, late)
+
+    def release(self, reservation_id: str, *, agent_id: str | None = None, now: int | None = None) -> None:
+        now = _now() if now is None else now
+        with self._txn() as db:
+            row = db.execute("SELECT agent_id, charges, state FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+            if row is None or (agent_id is not None and row[0] != agent_id):
+                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+            if row[2] != "held":
+                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
+            for scope, unit, period, key, amount in json.loads(row[1]):
+                db.execute(
+                    "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                    (amount, scope, unit, period, key),
+                )
+            db.execute("UPDATE reservations SET state = 'released', closed_at = ? WHERE id = ?", (now, reservation_id))
+
+    def sweep(self, now: int | None = None) -> int:
+        with self._txn() as db:
+            return self._sweep(db, _now() if now is None else now)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reservation_model(self, reservation_id: str) -> str:
+        row = self._db.execute("SELECT model FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        return row[0] if row else ""
+
+    def usage(self, limits: list[Limit], now: int | None = None) -> list[dict[str, Any]]:
+        now = _now() if now is None else now
+        out = []
+        for lim in limits:
+            key = period_key(lim.period, now, self.tz)
+            row = self._db.execute(
+                "SELECT reserved, committed FROM budget_usage WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                (lim.scope, lim.unit, lim.period, key),
+            ).fetchone()
+            reserved, committed = row if row else (0, 0)
+            out.append({**lim.to_dict(), "period_key": key, "reserved": reserved, "committed": committed,
+                        "left": max(lim.hard - reserved - committed, 0)})
+        return out
+
+    def history(self, *, by: str = "day", since_ms: int = 0, agent_id: str | None = None) -> list[dict[str, Any]]:
+        column = {"day": "day", "agent": "agent_id", "model": "model", "role": "role"}.get(by)
+        if column is None:
+            raise CharterError(BAD_REQUEST, "group by day, agent, model or role", "by")
+        where, args = "ts >= ?", [since_ms]
+        if agent_id:
+            where += " AND agent_id = ?"
+            args.append(agent_id)
+        rows = self._db.execute(
+            f"SELECT {column}, COUNT(*), SUM(usd), SUM(tokens_in), SUM(tokens_out), SUM(overrun) FROM spend "
+            f"WHERE {where} GROUP BY {column} ORDER BY {column}", args,
+        ).fetchall()
+        return [{by: r[0], "calls": r[1], "usd_micros": r[2], "tokens_in": r[3], "tokens_out": r[4], "overruns": r[5]}
+                for r in rows]

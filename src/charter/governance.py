@@ -1,0 +1,299 @@
+"""Governance: the bound policy decides, approvals wait for the operator, budgets are never crossed.
+
+The Node owns one of these. Every decision about an action, every approval step and every budget
+refusal or alert becomes an event on the bus, signed by the operator's root key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from charter.budget.ledger import BUDGET_EXCEEDED, Ledger, Limit
+from charter.budget.prices import MICRO, Price, PriceTable
+from charter.bus.envelope import Envelope
+from charter.bus.log.base import Receipt
+from charter.bus.subjects import SubjectError, validate_pattern
+from charter.config import Config, Home
+from charter.errors import BAD_REQUEST, NOT_FOUND, POLICY_DENIED, CharterError
+from charter.identity.keys import PublicKey
+from charter.identity.registry import OPERATOR_ID, AgentRecord
+from charter.policy.approvals import APPROVED, Approval, Approvals, verify_decision
+from charter.policy.engine import ALLOW, APPROVE, DENY, TIERS, Decision, Subject
+from charter.policy.store import Policy, PolicyVersions, load_policies
+
+APPROVAL_REQUIRED = "approval_required"
+OPERATOR_DECISION = Decision(ALLOW, "operator", "T3", "the operator acts with the root key")
+Emit = Callable[[str, Any], Awaitable[Receipt]]
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Governance:
+    def __init__(self, home: Home, config: Config, emit: Emit, root_public: PublicKey) -> None:
+        self.config = config
+        self.emit = emit
+        self.root_public = root_public
+        self.current: dict[str, Policy] = load_policies(home.policies_dir)
+        self.versions = PolicyVersions(home.db_path)
+        for p in self.current.values():
+            self.versions.remember(p)
+        self.by_hash: dict[str, Policy] = self.versions.load_all(home.policies_dir)
+        self.approvals = Approvals(home.db_path, synchronous=config.bus.synchronous)
+        self.ledger = Ledger(home.db_path, timezone=config.budget.timezone, synchronous=config.bus.synchronous)
+        self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    def close(self) -> None:
+        self.versions.close()
+        self.approvals.close()
+        self.ledger.close()
+
+    # -- decisions -------------------------------------------------------------------------
+
+    @staticmethod
+    def subject(agent: AgentRecord) -> Subject:
+        return Subject(agent.id, agent.name, agent.role, agent.charter.get("max_tier") or "T0")
+
+    def evaluate(self, agent: AgentRecord, action: str, attrs: dict[str, Any] | None = None,
+                 *, explain: bool = False) -> Decision:
+        """What the agent's bound policy (the exact text its charter names) says about `action`."""
+        if agent.id == OPERATOR_ID:
+            return OPERATOR_DECISION
+        try:
+            validate_pattern(action)
+        except SubjectError as exc:
+            return Decision(DENY, None, None, f"malformed action name: {exc}")
+        if "*" in action or ">" in action:
+            return Decision(DENY, None, None, "an action is a concrete name, not a pattern")
+        policy = self.bound_policy(agent)
+        if policy is None:
+            return self._unbound(agent)
+        return policy.engine.decide(self.subject(agent), action, attrs or {}, explain=explain)
+
+    def bound_policy(self, agent: AgentRecord) -> Policy | None:
+        binding = agent.charter.get("policy") or {}
+        return self.by_hash.get(binding.get("hash", ""))
+
+    @staticmethod
+    def _unbound(agent: AgentRecord) -> Decision:
+        binding = agent.charter.get("policy") or {}
+        return Decision(DENY, None, None, f"the policy this agent is bound to ({binding.get('id')} "
+                        f"sha256:{str(binding.get('hash'))[:12]}) is not known here; renew the charter",
+                        ("binding: unknown policy hash",))
+
+    def decide(self, agent: AgentRecord, env: Envelope) -> Decision:
+        """The gate's policy step (PolicyHook): publishing is the action `bus.publish`."""
+        if agent.id == OPERATOR_ID:
+            return OPERATOR_DECISION
+        policy = self.bound_policy(agent)
+        if policy is None:
+            return self._unbound(agent)
+        d = policy.engine.decide(self.subject(agent), "bus.publish", {"subject": env.subject, "kind": env.kind})
+        if d.effect == APPROVE:
+            return Decision(DENY, d.rule, d.tier, f"{d.reason}; publishing cannot wait for an approval, use act()")
+        return d
+
+    async def _decision_event(self, agent: AgentRecord, action: str, d: Decision, **extra: Any) -> None:
+        await self.emit(f"charter.decisions.{agent.name}", {
+            "agent_id": agent.id, "action": action, "effect": d.effect, "rule": d.rule, "tier": d.tier,
+            "reason": d.reason, **extra})
+
+    async def act(self, agent: AgentRecord, action: str, attrs: dict[str, Any],
+                  *, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Decide an action; a T3 or approve-rule action opens (or reuses a window of) an approval."""
+        if not isinstance(attrs, dict):
+            raise CharterError(BAD_REQUEST, "attrs must be a JSON object", "attrs")
+        d = self.evaluate(agent, action, attrs)
+        extra: dict[str, Any] = {"request": request} if request else {}
+        if d.effect != APPROVE:
+            await self._decision_event(agent, action, d, **extra)
+            return {"decision": d.to_dict(), "effect": d.effect}
+        window = self.approvals.window_for(agent.id, action)
+        if window is not None:
+            allowed = Decision(ALLOW, d.rule, d.tier, f"inside approval window {window.id}", d.path)
+            await self._decision_event(agent, action, allowed, approval_id=window.id, **extra)
+            await self.emit(f"charter.approvals.{agent.name}", {"approval_id": window.id, "state": "used",
+                                                                 "agent_id": agent.id, "action": action, "window": True})
+            return {"decision": allowed.to_dict(), "effect": ALLOW, "approval_id": window.id}
+        approval = self.approvals.request(
+            agent_id=agent.id, agent_name=agent.name, action=action, attrs=attrs, rule=d.rule, tier=d.tier,
+            reason=d.reason, ttl_s=self.config.policy.approval_ttl)
+        await self._decision_event(agent, action, d, approval_id=approval.id, **extra)
+        await self.emit(f"charter.approvals.{agent.name}", {**_approval_event(approval)})
+        return {"decision": d.to_dict(), "effect": APPROVE, "approval_id": approval.id,
+                "expires_at": approval.expires_at}
+
+    # -- approvals -------------------------------------------------------------------------
+
+    def _wake(self, approval_id: str) -> None:
+        ev = self._waiters.pop(approval_id, None)
+        if ev:
+            ev.set()
+
+    async def decide_approval(self, doc: Any) -> Approval:
+        """Apply an operator-signed decision; the signature is checked against the root key here."""
+        doc = verify_decision(self.root_public, doc)
+        approval = self.approvals.decide(doc)
+        await self.emit(f"charter.approvals.{approval.agent_name}", {**_approval_event(approval), "decision": doc})
+        self._wake(approval.id)
+        return approval
+
+    async def expire_due(self) -> list[Approval]:
+        expired = self.approvals.expire_due()
+        for a in expired:
+            await self.emit(f"charter.approvals.{a.agent_name}", _approval_event(a))
+            self._wake(a.id)
+        return expired
+
+    async def wait_approval(self, agent: AgentRecord, approval_id: str, timeout: float) -> dict[str, Any]:
+        """Wait up to `timeout` for the operator. Approved: claim it (exactly once) and allow."""
+        deadline = time.monotonic() + max(0.0, min(timeout, 300.0))
+        while True:
+            await self.expire_due()
+            a = self.approvals.get(approval_id)
+            if a.agent_id != agent.id:
+                raise CharterError(NOT_FOUND, f"no approval {approval_id!r} for this agent", "approval")
+            if a.state != "pending":
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"effect": APPROVE, "state": "pending", "approval_id": a.id, "expires_at": a.expires_at}
+            ev = self._waiters.setdefault(approval_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(ev.wait(), min(left, max((a.expires_at - _now()) / 1000, 0.01)))
+            except TimeoutError:
+                pass
+        if a.state == APPROVED:
+            claimed = self.approvals.claim(a.id, agent.id)
+            await self.emit(f"charter.approvals.{agent.name}", {**_approval_event(claimed), "state": "used"})
+            return {"effect": ALLOW, "state": claimed.state, "approval_id": a.id, "window_until": a.window_until}
+        reason = {"denied": "the operator denied it", "expired": "nobody approved it in time; expired into a denial",
+                  "used": "this approval was already used"}.get(a.state, a.state)
+        return {"effect": DENY, "state": a.state, "approval_id": a.id, "reason": reason}
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def default_limits(self, agent: AgentRecord) -> list[Limit]:
+        b = agent.charter.get("budget") or {}
+        soft = self.config.budget.soft_ratio
+        out = []
+        if b.get("usd_per_day") is not None:
+            out.append(Limit(f"agent:{agent.id}", "usd", "day", int(round(b["usd_per_day"] * MICRO)), soft))
+        if b.get("tokens_per_day") is not None:
+            out.append(Limit(f"agent:{agent.id}", "tokens", "day", int(b["tokens_per_day"]), soft))
+        return out
+
+    def limits_for(self, agent: AgentRecord) -> list[Limit]:
+        return self.ledger.applicable(agent.id, agent.role, self.default_limits(agent))
+
+    def free_models(self, agent: AgentRecord) -> list[str]:
+        """Models that cost nothing and that this agent's policy lets it call: where to degrade to."""
+        out = []
+        for model in self.prices.free_models():
+            provider, _, name = model.partition("/")
+            if self.evaluate(agent, "model.call", {"provider": provider, "model": name}).allowed:
+                out.append(model)
+        return out
+
+    async def reserve(self, agent: AgentRecord, req: dict[str, Any]) -> dict[str, Any]:
+        """Reserve for one action: sized from the model's price and the request's maximum tokens."""
+        action = req.get("action", "model.call")
+        model = req.get("model") or ""
+        if not isinstance(action, str) or not isinstance(model, str):
+            raise CharterError(BAD_REQUEST, "action and model are strings", "action")
+        try:
+            tokens_in = int(req.get("input_tokens", 0))
+            max_out = int(req.get("max_output_tokens", 0))
+        except (TypeError, ValueError):
+            raise CharterError(BAD_REQUEST, "input_tokens and max_output_tokens are integers", "tokens") from None
+        if tokens_in < 0 or max_out < 0:
+            raise CharterError(BAD_REQUEST, "token counts cannot be negative", "tokens")
+        if "usd" in req:
+            try:
+                usd = int(round(float(req["usd"]) * MICRO))
+            except (TypeError, ValueError):
+                raise CharterError(BAD_REQUEST, "usd is a number of dollars", "usd") from None
+        elif model:
+            try:
+                usd = self.prices.price(model).cost_micros(tokens_in, max_out)
+            except KeyError as exc:
+                raise CharterError(BAD_REQUEST, str(exc.args[0]), "model") from None
+        else:
+            usd = 0
+        provider, _, name = model.partition("/")
+        attrs = {"provider": provider, "model": name, "amount_usd": usd / MICRO, "tokens": tokens_in + max_out}
+        d = self.evaluate(agent, action, attrs)
+        if d.effect == DENY:
+            await self._decision_event(agent, action, d)
+            raise CharterError(POLICY_DENIED, d.reason, "action").with_details({"decision": d.to_dict()})
+        if d.effect == APPROVE:
+            raise CharterError(APPROVAL_REQUIRED, f"{d.reason}; ask with act() first", "action").with_details(
+                {"decision": d.to_dict()})
+        cap = self.config.budget.tier_caps.get(d.tier or "T0")  # type: ignore[call-overload]
+        if cap is not None and usd > cap * MICRO:
+            err = CharterError(BUDGET_EXCEEDED, f"one {d.tier} action may reserve at most ${cap:g}; asked ${usd / MICRO:g}",
+                               f"tier_cap:{d.tier}").with_details({"asked": usd, "cap": int(cap * MICRO), "tier": d.tier,
+                                                                   "free_models": self.free_models(agent)})
+            await self._refused(agent, err)
+            raise err
+        try:
+            res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens_in + max_out,
+                                      limits=self.limits_for(agent), model=model, action=action,
+                                      ttl_s=float(req.get("ttl_s") or self.config.budget.reservation_ttl))
+        except CharterError as err:
+            if err.code == BUDGET_EXCEEDED:
+                err.details = {**(err.details or {}), "free_models": self.free_models(agent)}
+                await self._refused(agent, err)
+            raise
+        for alert in res.alerts:
+            await self.emit("charter.budget.alerts", {"agent_id": agent.id, "name": agent.name, **alert})
+        return {**res.to_dict(), "usd": usd / MICRO, "tier": d.tier, "rule": d.rule}
+
+    async def _refused(self, agent: AgentRecord, err: CharterError) -> None:
+        await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "refused",
+                                                         "reason": err.message, **(err.details or {})})
+
+    async def settle(self, agent: AgentRecord, req: dict[str, Any]) -> dict[str, Any]:
+        rid = req.get("reservation_id")
+        if not isinstance(rid, str):
+            raise CharterError(BAD_REQUEST, "reservation_id is required", "reservation_id")
+        try:
+            tokens_in = int(req.get("tokens_in", 0))
+            tokens_out = int(req.get("tokens_out", 0))
+        except (TypeError, ValueError):
+            raise CharterError(BAD_REQUEST, "tokens_in and tokens_out are integers", "tokens") from None
+        if "usd" in req:
+            usd = int(round(float(req["usd"]) * MICRO))
+        else:
+            model = self.ledger.reservation_model(rid)
+            usd = self.prices.price(model).cost_micros(tokens_in, tokens_out) if model else 0
+        s = self.ledger.settle(rid, usd=usd, tokens_in=tokens_in, tokens_out=tokens_out, agent_id=agent.id)
+        await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "settled",
+                                                         "reservation_id": rid, "usd_micros": usd,
+                                                         "tokens_in": tokens_in, "tokens_out": tokens_out,
+                                                         "overrun": s.overrun, "late": s.late})
+        return {"reservation_id": rid, "usd": usd / MICRO, "tokens": s.tokens, "overrun": s.overrun, "late": s.late}
+
+    def release(self, agent: AgentRecord, rid: Any) -> dict[str, Any]:
+        if not isinstance(rid, str):
+            raise CharterError(BAD_REQUEST, "reservation_id is required", "reservation_id")
+        self.ledger.release(rid, agent_id=agent.id)
+        return {"reservation_id": rid, "released": True}
+
+    def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
+        usage = self.ledger.usage(self.limits_for(agent))
+        return {"agent_id": agent.id, "limits": usage, "free_models": self.free_models(agent)}
+
+
+def _approval_event(a: Approval) -> dict[str, Any]:
+    return {"approval_id": a.id, "state": a.state, "agent_id": a.agent_id, "action": a.action, "rule": a.rule,
+            "tier": a.tier, "reason": a.reason, "expires_at": a.expires_at, "window_until": a.window_until}
+
+
+def tier_index(tier: str) -> int:
+    return TIERS.index(tier)
