@@ -195,6 +195,53 @@ class Budget:
         return self.elapsed() + next_cost + reserve <= self.seconds
 
 
+class CpuWatch:
+    """How busy each core was during a phase, and how much of that was not this benchmark.
+
+    `foreign_cores` is CPU used by other processes on the machine (in cores): on a shared machine it
+    says how much the figures of that phase can be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.pids: list[int] = [os.getpid()]
+        self._t0 = 0.0
+        self._sys: Any = None
+        self._procs: dict[int, float] = {}
+
+    @staticmethod
+    def _proc_cpu(pid: int) -> float:
+        try:
+            import psutil
+
+            t = psutil.Process(pid).cpu_times()
+            return t.user + t.system
+        except Exception:  # noqa: BLE001 - a process that is gone used nothing more
+            return 0.0
+
+    def start(self) -> None:
+        import psutil
+
+        self._t0 = time.perf_counter()
+        self._sys = psutil.cpu_times(percpu=True)
+        self._procs = {pid: self._proc_cpu(pid) for pid in self.pids}
+
+    def stop(self) -> dict[str, Any]:
+        import psutil
+
+        wall = time.perf_counter() - self._t0
+        now = psutil.cpu_times(percpu=True)
+
+        def busy(t: Any) -> float:
+            return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0) \
+                - getattr(t, "guest_nice", 0.0)
+
+        per_core = [(busy(b) - busy(a)) / wall for a, b in zip(self._sys, now, strict=True)]
+        ours = sum(self._proc_cpu(pid) - t for pid, t in self._procs.items()) / wall
+        steal = sum(getattr(b, "steal", 0.0) - getattr(a, "steal", 0.0) for a, b in zip(self._sys, now, strict=True)) / wall
+        return {"seconds": r(wall, 2), "cores_busy": [r(x, 2) for x in per_core], "benchmark_cores": r(ours, 2),
+                "foreign_cores": r(max(0.0, sum(per_core) - ours), 2), "steal_cores": r(steal, 2)}
+
+
 # -- figures a and b: in process ---------------------------------------------------------------
 
 
@@ -225,6 +272,7 @@ async def time_publish(node: Node, items: Sequence[Any], batch: int) -> float:
 
 
 async def bench_in_process(args: argparse.Namespace, workdir: Path, budget: Budget, reserve: float) -> dict[str, Any]:
+    watch = CpuWatch()
     home = make_home(workdir / "inproc")
     node = Node(home)
     await node.start()
@@ -238,6 +286,7 @@ async def bench_in_process(args: argparse.Namespace, workdir: Path, budget: Budg
         await time_publish(node, warm, args.batch)
 
         rounds: list[dict[str, float]] = []
+        watch.start()
         for i in range(args.rounds):
             t_round = time.monotonic()
             envs = presealed(agents, n, args.payload_bytes, f"b{i}")
@@ -265,6 +314,7 @@ async def bench_in_process(args: argparse.Namespace, workdir: Path, budget: Budg
             if i + 1 < args.rounds and not budget.allows(time.monotonic() - t_round, reserve):
                 progress("a/b: the time budget is short; skipping the remaining rounds")
                 break
+        cpu = watch.stop()
         seq, _ = await node.log.head()
     finally:
         await node.close()
@@ -275,6 +325,7 @@ async def bench_in_process(args: argparse.Namespace, workdir: Path, budget: Budg
     return {
         "rounds": rounds, "a": a_val, "b": b_val, "ratio": ratio,
         "b_parse": med(x["b_parse"] for x in rounds), "ratio_parse": ratio_parse, "log_entries": seq,
+        "cpu": cpu,
     }
 
 
@@ -297,8 +348,20 @@ async def closed_loop(n_requests: int, concurrency: int, do: Callable[[int], Awa
     return time.perf_counter() - t0, done
 
 
-async def open_loop(n: int, rate: float, do: Callable[[int], Awaitable[None]]) -> dict[str, Any]:
-    """Send request i at t0 + i/rate whatever happened before; latency = response - scheduled time."""
+@dataclass
+class Samples:
+    latency_ms: list[float]
+    lag_ms: list[float]
+    errors: int
+    wall_s: float
+
+
+async def open_loop(n: int, rate: float, do: Callable[[int], Awaitable[None]], *, spin: bool) -> Samples:
+    """Send request i at t0 + i/rate whatever happened before; latency = response - scheduled time.
+
+    `spin`: loop timers are millisecond-grained, so sleep most of each gap and spin on the loop for
+    the rest; only worth it (and only fair to the daemon) when the load generator has its own core.
+    """
     interval = 1.0 / rate
     lat = [0.0] * n
     lag = [0.0] * n
@@ -325,16 +388,26 @@ async def open_loop(n: int, rate: float, do: Callable[[int], Awaitable[None]]) -
             i += 1
         if i < n:
             delay = t0 + i * interval - time.perf_counter()
-            # Timers are millisecond-grained: sleep most of the gap, then spin on the loop.
-            await asyncio.sleep(delay - 0.0015 if delay > 0.002 else 0)
+            if spin:
+                await asyncio.sleep(delay - 0.0015 if delay > 0.002 else 0)
+            elif delay > 0:
+                await asyncio.sleep(delay)
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
-    ms = sorted(x * 1000 for x in lat)
-    lags = sorted(x * 1000 for x in lag)
+    return Samples([x * 1000 for x in lat], [x * 1000 for x in lag], errors, wall)
+
+
+def summarise(runs: Sequence[Samples], rate: float) -> dict[str, Any]:
+    """Percentiles over every sample of every run (pooled), and each run's p99 for the spread."""
+    ms = sorted(x for s in runs for x in s.latency_ms)
+    lags = sorted(x for s in runs for x in s.lag_ms)
+    n = len(ms)
     return {
-        "requests": n, "errors": errors, "offered_rate_per_s": rate, "achieved_rate_per_s": r(n / wall),
+        "requests": n, "errors": sum(s.errors for s in runs), "offered_rate_per_s": rate,
+        "achieved_rate_per_s": r(n / sum(s.wall_s for s in runs)),
         "p50_ms": r(pct(ms, 0.50), 3), "p90_ms": r(pct(ms, 0.90), 3), "p99_ms": r(pct(ms, 0.99), 3),
         "p999_ms": r(pct(ms, 0.999), 3), "max_ms": r(ms[-1], 3), "mean_ms": r(statistics.fmean(ms), 3),
+        "p99_ms_per_round": [r(pct(sorted(s.latency_ms), 0.99), 3) for s in runs],
         "send_lag_p99_ms": r(pct(lags, 0.99), 3), "send_lag_max_ms": r(lags[-1], 3),
     }
 
@@ -351,6 +424,8 @@ async def bench_http(args: argparse.Namespace, workdir: Path, affinity: dict[str
     pid, url = info["pid"], info["url"]
     if affinity.get("pinned"):
         pin_process(pid, affinity["daemon_cores"])
+    watch = CpuWatch()
+    watch.pids.append(pid)
     try:
         # An enrolled-looking sender that is not enrolled: the gate refuses it at the lookup.
         stranger = [BenchAgent("agt_01BENCHNOTENROLLED0000000", "stranger", SigningKey.generate())]
@@ -385,6 +460,7 @@ async def bench_http(args: argparse.Namespace, workdir: Path, affinity: dict[str
             n_req = max(1, args.http_msgs // batch)
             reserve_d = 2 * (args.latency_seconds + 1.0) + 2.0
             c_rounds: list[dict[str, float]] = []
+            watch.start()
             for i in range(args.http_rounds):
                 t_round = time.monotonic()
                 bodies = [batch_body(b) for b in chunks(presealed(agents, n_req * batch, args.payload_bytes, f"c{i}"), batch)]
@@ -403,31 +479,42 @@ async def bench_http(args: argparse.Namespace, workdir: Path, affinity: dict[str
                 if i + 1 < args.http_rounds and not budget.allows(time.monotonic() - t_round, reserve_d):
                     progress("c: the time budget is short; skipping the remaining rounds")
                     break
+            c_cpu = watch.stop()
 
-            # -- d: open-loop single publishes, and the same schedule against /v1/health ------------
-            n_d = max(1, int(args.rate * args.latency_seconds))
-            singles = [e.raw for e in presealed(agents, n_d + int(args.rate * 0.5), args.payload_bytes, "d")]
-            warm_n = int(args.rate * 0.5)
+            # -- d: open-loop single publishes, alternating with the same schedule against /v1/health --
+            per_round = max(1, int(args.rate * args.latency_seconds / args.latency_rounds))
+            warm_n = max(1, int(args.rate * 0.5))
+            singles = [e.raw for e in presealed(agents, warm_n + per_round * args.latency_rounds,
+                                               args.payload_bytes, "d")]
+            next_single = 0
+            spin = bool(affinity.get("pinned"))
 
-            async def publish_one(i: int) -> None:
-                async with session.post(url + "/v1/publish", data=singles[i], headers=headers) as resp:
+            async def publish_one(_: int) -> None:
+                nonlocal next_single
+                body = singles[next_single]
+                next_single += 1
+                async with session.post(url + "/v1/publish", data=body, headers=headers) as resp:
                     await resp.read()
                     if resp.status != 201:
                         raise RuntimeError(f"publish answered {resp.status}")
 
-            async def publish_measured(i: int) -> None:
-                await publish_one(warm_n + i)
-
             async def health_one(_: int) -> None:
                 await health()
 
-            await open_loop(warm_n, args.rate, publish_one)  # warm: connections and the daemon
-            progress(f"d: {n_d} single publishes at {args.rate:g}/s, open loop")
-            d_pub = await open_loop(n_d, args.rate, publish_measured)
-            progress(f"d: publish p50 {d_pub['p50_ms']} ms, p99 {d_pub['p99_ms']} ms")
-            progress(f"d: {n_d} GET /v1/health at {args.rate:g}/s, open loop")
-            d_health = await open_loop(n_d, args.rate, health_one)
-            progress(f"d: health p50 {d_health['p50_ms']} ms, p99 {d_health['p99_ms']} ms")
+            await open_loop(warm_n, args.rate, publish_one, spin=spin)  # warm: connections and the daemon
+            progress(f"d: {args.latency_rounds} x ({per_round} single publishes, then {per_round} GET /v1/health) "
+                     f"at {args.rate:g}/s, open loop")
+            pub_runs: list[Samples] = []
+            health_runs: list[Samples] = []
+            watch.start()
+            for _ in range(args.latency_rounds):
+                pub_runs.append(await open_loop(per_round, args.rate, publish_one, spin=spin))
+                health_runs.append(await open_loop(per_round, args.rate, health_one, spin=spin))
+            d_cpu = watch.stop()
+            d_pub, d_health = summarise(pub_runs, args.rate), summarise(health_runs, args.rate)
+            d_pub["scheduler"] = d_health["scheduler"] = "sleep, then spin" if spin else "sleep"
+            progress(f"d: publish p50 {d_pub['p50_ms']} ms, p99 {d_pub['p99_ms']} ms; "
+                     f"health p50 {d_health['p50_ms']} ms, p99 {d_health['p99_ms']} ms")
         daemon_cpu = None
         try:
             import psutil
@@ -446,6 +533,7 @@ async def bench_http(args: argparse.Namespace, workdir: Path, affinity: dict[str
         "c_health": med(x["health"] for x in c_rounds),
         "c_ratio": med(x["ratio"] for x in c_rounds),
         "d_publish": d_pub, "d_health": d_health, "daemon_cpu_s": daemon_cpu, "daemon_pid": pid,
+        "c_cpu": c_cpu, "d_cpu": d_cpu,
     }
 
 
@@ -464,7 +552,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-msgs", type=int, default=10000, help="envelopes per c round (default 10000)")
     p.add_argument("--concurrency", type=int, default=4, help="batch requests in flight for c (default 4)")
     p.add_argument("--rate", type=float, default=1000.0, help="offered rate for d, requests/s (default 1000)")
-    p.add_argument("--latency-seconds", type=float, default=4.0, help="length of each open-loop run in d (default 4)")
+    p.add_argument("--latency-seconds", type=float, default=4.0,
+                   help="seconds of open-loop load in d, for publish and again for health (default 4)")
+    p.add_argument("--latency-rounds", type=int, default=4,
+                   help="d alternates publish and health runs this many times (default 4)")
     p.add_argument("--budget", type=float, default=55.0,
                    help="soft wall-clock budget in seconds; optional extra rounds are skipped to keep it (default 55)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the daemon and the load generator to cores")
@@ -474,9 +565,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.agents = min(args.agents, 2)
         args.rounds, args.msgs_per_round = 2, 400
         args.http_rounds, args.http_msgs = 1, 1000
-        args.latency_seconds = 0.5
+        args.latency_seconds, args.latency_rounds = 0.5, 1
         args.budget = min(args.budget, 20.0)
-    for name in ("agents", "batch", "rounds", "msgs_per_round", "http_rounds", "http_msgs", "concurrency"):
+    for name in ("agents", "batch", "rounds", "msgs_per_round", "http_rounds", "http_msgs", "concurrency",
+                 "latency_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate <= 0 or args.latency_seconds <= 0:
@@ -574,7 +666,12 @@ async def run(args: argparse.Namespace, affinity: dict[str, Any], workdir: Path)
         "client": {"http": f"aiohttp {aiohttp.__version__}", "event_loop": type(asyncio.get_running_loop()).__module__},
         "params": {k: getattr(args, k) for k in ("agents", "batch", "payload_bytes", "rounds", "msgs_per_round",
                                                  "http_rounds", "http_msgs", "concurrency", "rate",
-                                                 "latency_seconds", "budget")},
+                                                 "latency_seconds", "latency_rounds", "budget")},
+        "cpu_during": {
+            "note": "per phase: how busy each core was; foreign_cores is CPU used by other processes on the "
+                    "machine (in cores). Well above 0 means the phase shared its cores and its figures are noisy.",
+            "a_b": ab["cpu"], "c": http["c_cpu"], "d": http["d_cpu"],
+        },
         "figures": figures,
         "targets_met": {k: v["meets_target"] for k, v in figures.items() if v["target"] is not None},
         "all_targets_met": b_ok and c_ok and d_ok,

@@ -58,6 +58,7 @@ class Ledger:
     batches: list[list[Envelope]] = field(default_factory=list)  # acknowledged, sent as one batch
     unanswered: list[list[Envelope]] = field(default_factory=list)  # one request's envelopes each
     errors: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)  # unanswered requests per sender
 
     def record(self, envs: list[Envelope], results: list[dict]) -> None:
         assert len(results) == len(envs)
@@ -99,6 +100,7 @@ async def publisher(agent: Agent, ledger: Ledger, stop: asyncio.Event, batch_siz
             if name is None:
                 raise
             ledger.errors[name] += 1
+            ledger.failed[agent.id] += 1
             ledger.unanswered.append(envs)
             await asyncio.sleep(0.01)
             continue
@@ -196,7 +198,13 @@ async def test_sigkill_loses_no_acknowledged_message(daemon) -> None:
         for round_ in range(ROUNDS):
             async def publish_then_kill(seconds: float = 0.8 + 0.2 * round_, victim: int = pid) -> None:
                 await asyncio.sleep(seconds)
+                before = Counter(ledger.failed)
                 await asyncio.to_thread(kill9, home, victim)
+                # Publishers go on until each has hit the dead daemon at least once.
+                deadline = time.monotonic() + 5
+                while any(ledger.failed[a.id] <= before[a.id] for a in agents):
+                    assert time.monotonic() < deadline, "a publisher never noticed the kill"
+                    await asyncio.sleep(0.005)
 
             await publish_during(agents, ledger, publish_then_kill)
             in_round = len(ledger.acked) - acked_before
@@ -225,9 +233,9 @@ async def test_sigkill_loses_no_acknowledged_message(daemon) -> None:
             results = await send(agent_of[last_batch[0].sender], last_batch, batch=True)
             assert [r["error"]["code"] for r in results] == [REPLAY] * len(last_batch)
 
-            # What was in flight at the kill lands exactly once.
+            # What got no answer (in flight at the kill, or sent after it) lands exactly once.
             outcome = await resend_unanswered(agent_of, ledger, {r[0] for r in rows.values()})
-            assert outcome["accepted"] + outcome["replay"] > 0
+            assert outcome["accepted"] + outcome["replay"] >= PUBLISHERS
 
             # And the restarted daemon keeps appending onto the chain.
             receipt = await agents[round_ % PUBLISHERS].publish(f"agents.pub{round_ % PUBLISHERS}.after", {"r": round_})

@@ -454,14 +454,14 @@ def test_parse_size_accepts_a_size_or_raises_value_error(value) -> None:
     assert type(out) is int and out >= 0
 
 
-@pytest.mark.parametrize("bad", ["", " ", "15", "m", "1x", "-5s", "1h 30m", "s5", "1.s", "1e3s", "nan", "inf",
+@pytest.mark.parametrize("bad", ["", " ", "m", "1x", "-5s", "s5", "1.s", "1e3s", "nan", "inf",
                                  "1" + "0" * 400 + "s", float("nan"), float("inf"), -1, True, None, [], "5 mm"])
 def test_parse_duration_rejects_junk(bad) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
 
 
-@pytest.mark.parametrize("bad", ["", "KiB", "1.5MiB", "-1", "1 kib", "1KIB", "10 GB extra", -1, True, 1.0, None])
+@pytest.mark.parametrize("bad", ["", "KiB", "-1", "1 KiBs", "10 GB extra", -1, True, 1.0, None])
 def test_parse_size_rejects_junk(bad) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)

@@ -133,7 +133,8 @@ async def http(
         headers["Authorization"] = auth
     if body:
         headers["Content-Type"] = "application/json"
-    async with aiohttp.ClientSession() as s:
+    # A bounded wait: a stream opened where a refusal was expected fails fast instead of hanging.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         async with s.request(method, URL(d.url + target, encoded=True), data=body or None, headers=headers) as r:
             content = await r.read()
             status = r.status
@@ -394,17 +395,27 @@ async def test_batch_that_is_not_a_list_is_refused(daemon) -> None:
     assert await head(daemon) == before
 
 
-@pytest.mark.xfail(reason="design question: the log's UNIQUE(id) turns an envelope that reuses a logged id "
-                          "(with a fresh nonce) into a 500 instead of a rejection code; which code "
-                          "(replay? conflict?) is a wire-contract decision", strict=True)
 async def test_reused_envelope_id_is_refused_not_a_server_error(daemon, alpha) -> None:
+    """A fresh nonce but an id already in the log: a rejection, never a 500, and nothing appended."""
     env = alpha.seal("agents.alpha.ids", {"n": 1})
     assert (await publish_raw(daemon, env)).status == 201
     same_id = seal(alpha.creds.key, sender=alpha.id, subject="agents.alpha.ids", payload={"n": 2}, eid=env.id)
+    r = await assert_refused(daemon, same_id, 409, "replay")
+    assert r.body["error"]["where"] == "id"
+
+    # In a batch, only the offending items are refused; the good ones are still appended.
+    good = alpha.seal("agents.alpha.ids", {"n": 3})
+    twin_a = alpha.seal("agents.alpha.ids", {"n": 4})
+    twin_b = seal(alpha.creds.key, sender=alpha.id, subject="agents.alpha.ids", payload={"n": 5}, eid=twin_a.id)
+    again = seal(alpha.creds.key, sender=alpha.id, subject="agents.alpha.ids", payload={"n": 6}, eid=env.id)
     before = await head(daemon)
-    r = await publish_raw(daemon, same_id)
-    assert r.status < 500 and isinstance(r.body, dict) and "error" in r.body
-    assert await head(daemon) == before
+    r = await http(daemon, "POST", "/v1/publish/batch",
+                   body=orjson.dumps([good.to_dict(), again.to_dict(), twin_a.to_dict(), twin_b.to_dict()]))
+    assert r.status == 200, r.body
+    codes = [res.get("error", {}).get("code") for res in r.body["results"]]
+    assert codes[:2] == [None, "replay"]
+    assert codes[2:].count("replay") == 1 and codes[2:].count(None) == 1  # one of the twins wins
+    assert await head(daemon) == before + 2
 
 
 # -- request signing (the operator API) ------------------------------------------------------

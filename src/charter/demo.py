@@ -25,6 +25,7 @@ from rich.panel import Panel
 
 from charter.bus.envelope import seal
 from charter.config import Home
+from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.sdk import Agent
 
@@ -147,7 +148,50 @@ async def scenario(home: Home, work: Path) -> None:
          "not hand out tasks. The command exits 4, refused.")
     charter(home, "publish", "tasks.assign", '{"to": "owl"}', "--creds", str(alpha_creds), expect=4)
 
-    step(8, "Revocation", "The operator revokes owl. Its very next message is refused, and its live "
+    step(8, "A risky action waits for a human",
+         "boss, a coordinator, wants to deploy. The policy makes deploy.* a T3 action: it waits in a queue "
+         "until the operator signs an approval with the root key, and then runs exactly once.")
+    token3 = charter(home, "invite", "--role", "coordinator").strip()
+    boss_creds = work / "boss.creds.json"
+    charter(home, "enroll", "--token", token3, "--name", "boss", "--creds", str(boss_creds))
+    boss = Agent.load(boss_creds)
+    asked = await boss.act("deploy.prod", {"version": "1.4.0"})
+    console.print(f"[bold cyan]>>> await boss.act('deploy.prod', {{'version': '1.4.0'}})[/bold cyan]\n"
+                  f"  effect [bold]{asked['effect']}[/bold] (tier {asked['decision']['tier']}, rule "
+                  f"{asked['decision']['rule']}): {asked['decision']['reason']}")
+    if asked["effect"] != "approve":
+        raise DemoFailure(f"deploy.prod should wait for an approval, got {asked}")
+    waiting = asyncio.create_task(boss.wait_approval(asked["approval_id"], 30))
+    charter(home, "approvals", "list")
+    charter(home, "approvals", "approve", asked["approval_id"], "--note", "release 1.4.0")
+    answer = await asyncio.wait_for(waiting, 10)
+    if answer["effect"] != "allow":
+        raise DemoFailure(f"the approved action was not allowed: {answer}")
+    console.print(f"  boss was waiting; the answer is [bold green]{answer['effect']}[/bold green]: deploying 1.4.0, once.")
+    again = await boss.wait_approval(asked["approval_id"], 0.1)
+    console.print(f"  asking to use the same approval again: [bold]{again['effect']}[/bold] ({again['reason']})")
+    await boss.close()
+
+    step(9, "A budget that is never crossed",
+         "alpha's role gives it $1 a day. Before a paid call the agent reserves the most it could cost; "
+         "after it, it settles the real usage and the rest returns. A request that would cross the limit "
+         "is refused before it runs, naming what is left and which free local models remain.")
+    charter(home, "budget", "set", "--scope", "agent:alpha", "--limit", "0.02", "--period", "day")
+    res = await alpha.reserve(model="openai/gpt-4o-mini", input_tokens=2_000, max_output_tokens=1_000)
+    console.print(f"  reserved ${res['usd']:.6f} for openai/gpt-4o-mini (2,000 in, up to 1,000 out)")
+    settled = await alpha.settle(res["reservation_id"], tokens_in=2_000, tokens_out=350)
+    console.print(f"  settled ${settled['usd']:.6f} for the real usage (350 out); the rest is back")
+    try:
+        await alpha.reserve(model="openai/gpt-4o", input_tokens=8_000, max_output_tokens=4_000)
+        raise DemoFailure("a reservation above the budget was admitted")
+    except CharterError as exc:
+        if exc.code != "budget_exceeded":
+            raise DemoFailure(f"expected budget_exceeded, got {exc}") from None
+        free = ", ".join((exc.details or {}).get("free_models", []))
+        console.print(f"  [red]refused[/red] [bold]{exc.code}[/bold]: {exc.message}\n  free models still usable: {free}")
+    charter(home, "budget", "show")
+
+    step(10, "Revocation", "The operator revokes owl. Its very next message is refused, and its live "
          "subscription ends.")
     charter(home, "agents", "revoke", "owl", "--reason", "demo: decommissioned")
     charter(home, "publish", "agents.owl.notes", '{"still": "here?"}', "--creds", str(owl_creds), expect=4)
@@ -156,10 +200,10 @@ async def scenario(home: Home, work: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - the stream ends with the revocation error
         console.print(f"  owl's stream ended: {exc}")
 
-    step(9, "The log, attributed and verified",
+    step(11, "The log, attributed and verified",
          "Every accepted message and every lifecycle step (by the operator) is in the log. "
          "`charter log verify` recomputes the hash chain and names the first bad entry if any.")
-    charter(home, "tail", "-n", "20")
+    charter(home, "tail", "-n", "12")
     charter(home, "log", "verify")
     await alpha.close()
     await owl.close()

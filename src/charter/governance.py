@@ -247,6 +247,7 @@ class Governance:
                                       ttl_s=float(req.get("ttl_s") or self.config.budget.reservation_ttl))
         except CharterError as err:
             if err.code == BUDGET_EXCEEDED:
+                err.message = err.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
                 err.details = {**(err.details or {}), "free_models": self.free_models(agent)}
                 await self._refused(agent, err)
             raise

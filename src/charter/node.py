@@ -21,7 +21,7 @@ from charter import __version__
 from charter.bus import envelope as envmod
 from charter.bus.envelope import Envelope
 from charter.bus.gate import Gate
-from charter.bus.log.base import ConsumerState, LogEntry, Receipt
+from charter.bus.log.base import ConsumerState, DuplicateIds, LogEntry, Receipt
 from charter.bus.log.sqlite import SqliteLog
 from charter.bus.replay import ReplayGuard
 from charter.bus.subjects import SubjectError, matches, validate_pattern
@@ -160,6 +160,9 @@ class Node:
             raise
         try:
             (receipt,) = await self.log.append((env,))
+        except DuplicateIds:
+            self._count(REPLAY)
+            raise Rejection(REPLAY, f"an envelope with id {env.id} is already in the log", "id") from None
         except BaseException:
             self.replay.release(env.sender, env.nonce)
             raise
@@ -202,7 +205,15 @@ class Node:
                 self._count(exc.code)
                 outcomes[i] = Outcome(error=exc)
         try:
-            receipts = await self.log.append([e for _, e in accepted])
+            try:
+                receipts = await self.log.append([e for _, e in accepted])
+            except DuplicateIds as dup:
+                for pos in sorted(dup.positions):
+                    i, env = accepted[pos]
+                    self._count(REPLAY)
+                    outcomes[i] = Outcome(error=Rejection(REPLAY, f"an envelope with id {env.id} is already in the log", "id"))
+                accepted = [a for pos, a in enumerate(accepted) if pos not in dup.positions]
+                receipts = await self.log.append([e for _, e in accepted])
         except BaseException:
             for _, env in accepted:
                 self.replay.release(env.sender, env.nonce)
@@ -388,6 +399,7 @@ class Node:
         rec = self.registry.redeem(th, name=name, expected_role=role, build=build)
         await self.emit("charter.agents.enrolled", {
             "agent_id": rec.id, "name": rec.name, "role": rec.role, "key_id": rec.public_key.key_id,
+            "public_key": rec.public_key.b64,
             "policy": rec.charter["policy"], "expires_at": rec.expires_at,
         })
         return {"charter": rec.charter, "root_public_key": self.root_key.public.b64}
@@ -441,7 +453,8 @@ class Node:
         old_id = agent.public_key.key_id
         self.registry.replace_charter(agent, charter, new)
         await self.emit("charter.agents.key_rotated", {"agent_id": agent.id, "name": agent.name,
-                                                      "old_key_id": old_id, "new_key_id": new.key_id})
+                                                      "old_key_id": old_id, "new_key_id": new.key_id,
+                                                      "public_key": new.b64})
         return charter
 
     def sandbox(self, agent: AgentRecord) -> Sandbox:

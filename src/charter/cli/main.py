@@ -444,8 +444,11 @@ def _print_event(ev: dict[str, Any], names: dict[str, str], as_json: bool) -> No
 
 
 @log_app.command("verify")
-def log_verify(as_json: JsonOpt = False) -> None:
-    """Recompute the log's hash chain from the database file; name the first bad sequence number."""
+def log_verify(
+    signatures: Annotated[bool, typer.Option("--signatures/--no-signatures", help="Also check every entry's signature against the keys the log itself records.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the log's hash chain (and signatures) from the database file; name the first bad sequence number."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from charter.bus.log.sqlite import verify_file
@@ -453,13 +456,18 @@ def log_verify(as_json: JsonOpt = False) -> None:
     home = state.home
     if not home.db_path.exists():
         fail(CharterError("not_initialised", f"no database at {home.db_path}; run `charter init`"), common.UNREACHABLE)
+    root = None
+    if signatures:
+        from charter.identity.keys import SigningKey
+
+        root = SigningKey.load_pem(home.root_key_path).public
     if as_json:
-        report = verify_file(home.db_path)
+        report = verify_file(home.db_path, root=root)
     else:
         with Progress(TextColumn("verifying the log"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("verify", total=None)
-            report = verify_file(home.db_path, lambda done, total: bar.update(task, completed=done, total=total))
+            report = verify_file(home.db_path, lambda done, total: bar.update(task, completed=done, total=total), root=root)
     result = {
         "ok": report.ok, "checked": report.checked, "head_seq": report.head_seq, "head_hash": report.head_hash,
         "first_bad_seq": report.first_bad, "breaks": [{"seq": b.seq, "reason": b.reason} for b in report.breaks],
@@ -467,7 +475,8 @@ def log_verify(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(result)
     elif report.ok:
-        out.print(f"[green]ok[/green] {report.checked} entries; head seq {report.head_seq} hash {report.head_hash[:16]}…")
+        what = "chain and signatures" if root else "chain"
+        out.print(f"[green]ok[/green] {report.checked} entries ({what}); head seq {report.head_seq} hash {report.head_hash[:16]}…")
     else:
         err.print(f"[bold red]chain broken[/bold red] at seq {report.first_bad}: {report.breaks[0].reason}")
         for b in report.breaks[1:6]:

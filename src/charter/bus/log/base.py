@@ -22,6 +22,14 @@ def entry_hash(prev: bytes, seq: int, raw: bytes) -> bytes:
     return hashlib.sha256(prev + seq.to_bytes(8, "big") + hashlib.sha256(raw).digest()).digest()
 
 
+class DuplicateIds(Exception):
+    """Some envelopes reuse an id already in the log (or earlier in the same batch); nothing was appended."""
+
+    def __init__(self, positions: set[int]) -> None:
+        super().__init__(f"{len(positions)} envelope id(s) already in the log")
+        self.positions = positions
+
+
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """What a publisher gets back once its envelope is durable."""
@@ -86,7 +94,10 @@ class EventLog(Protocol):
     """What the bus needs from a log. Async so that networked backends fit the same shape."""
 
     async def append(self, envelopes: Sequence[Envelope]) -> list[Receipt]:
-        """Append atomically, in order; return only once every entry is durable."""
+        """Append atomically, in order; return only once every entry is durable.
+
+        Raises DuplicateIds (appending nothing) if an envelope id is already in the log.
+        """
 
     async def head(self) -> tuple[int, bytes]:
         """(last seq, its hash); (0, GENESIS) when empty."""
