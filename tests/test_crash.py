@@ -34,6 +34,7 @@ from charter.bus.envelope import Envelope
 from charter.bus.log.sqlite import verify_file
 from charter.config import Home
 from charter.errors import REPLAY, CharterError
+from charter.identity.keys import SigningKey
 from charter.sdk import Agent
 from charter.sdk.http import UNREACHABLE, SignedClient
 from charter.server.daemon import read_daemon_file, spawn
@@ -247,6 +248,9 @@ async def test_sigkill_loses_no_acknowledged_message(daemon) -> None:
         for a in agents:
             await a.close()
     assert set(ledger.errors) == {UNREACHABLE}, ledger.errors
+    # Once, at the end (it costs a signature check per entry): every entry is signed by its sender.
+    signed = verify_file(home.db_path, root=SigningKey.load_pem(home.root_key_path).public)
+    assert signed.ok, signed.breaks[:5]
 
 
 async def test_sigstop_loses_no_acknowledged_message(daemon) -> None:

@@ -5,6 +5,9 @@ operator's lifecycle actions, each of which must show up on the bus as a root-si
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import itertools
 from typing import Any
 from urllib.parse import urlencode
@@ -22,7 +25,8 @@ from charter.identity.request_auth import sign_request
 from charter.node import rotate_proof_message
 from charter.sdk import Agent
 from charter.sdk.credentials import Credentials
-from conftest import Daemon
+from charter.server.daemon import stop
+from conftest import Daemon, make_home, start_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -264,3 +268,33 @@ async def test_the_error_event_is_on_the_wire(daemon) -> None:
     data = rest.split(b"event: error\ndata: ", 1)[1].split(b"\n", 1)[0]
     assert orjson.loads(data)["code"] == "revoked"
     await agent.close()
+
+
+async def test_operator_renews_an_expired_charter(tmp_path) -> None:
+    """An expired agent cannot renew itself; the operator can, and the agent then fetches its charter."""
+    home = make_home(tmp_path / "h")
+    home.config_path.write_text(home.config_path.read_text() + '\n[roles.brief]\npublish = ["agents.{name}.>"]\n'
+                                'subscribe = ["agents.{name}.>"]\ncharter_ttl = "1s"\nmax_tier = "T0"\n')
+    daemon = start_daemon(home)
+    try:
+        agent = await daemon.enroll("mayfly", "brief")
+        await asyncio.sleep(1.2)
+        with pytest.raises(CharterError) as exc:
+            await agent.publish("agents.mayfly.hello", {})
+        assert exc.value.code == "expired"
+        with pytest.raises(CharterError) as exc:
+            await agent.renew()
+        assert exc.value.code == "expired"
+        proc = subprocess.run([sys.executable, "-m", "charter", "--home", str(home.root), "agents", "renew", "mayfly",
+                               "--json"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["agent_id"] == agent.id
+        # The operator renewed under the role's 1s TTL: the agent fetches its new charter at once.
+        before = agent.creds.charter["expires_at"]
+        charter = await agent.refresh()
+        assert charter["expires_at"] > before
+        answer = await daemon.admin("GET", "/v1/events", params={"pattern": "charter.agents.renewed"})
+        assert [e["envelope"]["payload"]["by_operator"] for e in answer["events"]] == [True]
+        await agent.close()
+    finally:
+        stop(home)

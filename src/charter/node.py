@@ -418,14 +418,23 @@ class Node:
         await self.emit(f"charter.agents.{past}", {"agent_id": rec.id, "name": rec.name, "reason": reason})
         return rec
 
-    async def renew(self, agent: AgentRecord) -> dict[str, Any]:
-        """A fresh charter for a live agent, re-derived from its role as it is configured now."""
-        agent = self.ensure_live(agent.id)
+    async def renew(self, agent: AgentRecord, *, by_operator: bool = False) -> dict[str, Any]:
+        """A fresh charter, re-derived from the role as it is configured now.
+
+        An agent renews its own charter while it is live. Only the operator can renew one that has
+        already expired (the agent then fetches it with its unchanged key); revoked stays revoked.
+        """
+        if by_operator:
+            agent = self.registry.find(agent.id)
+            if agent.status == ST_REVOKED:
+                raise CharterError(CONFLICT, f"agent {agent.name} is revoked; revocation is final", "agent")
+        else:
+            agent = self.ensure_live(agent.id)
         body = self._charter_body(agent.id, agent.name, agent.public_key.b64, agent.role, agent.charter["sandbox"]["path"])
         charter = self._issue(body)
         self.registry.replace_charter(agent, charter, agent.public_key)
         await self.emit("charter.agents.renewed", {"agent_id": agent.id, "name": agent.name,
-                                                  "expires_at": charter["expires_at"]})
+                                                  "expires_at": charter["expires_at"], "by_operator": by_operator})
         return charter
 
     async def rotate_key(self, agent: AgentRecord, request: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from charter.bus.envelope import Envelope, seal
-from charter.bus.log.base import GENESIS, ConsumerState, EventLog, LogEntry, Receipt, entry_hash
+from charter.bus.log.base import GENESIS, ConsumerState, DuplicateIds, EventLog, LogEntry, Receipt, entry_hash
 from charter.bus.log.sqlite import SqliteLog, verify_file
 from charter.config import Home
 from charter.encoding import canonical, loads
@@ -135,8 +135,9 @@ async def test_batch_with_duplicate_id_fails_as_a_whole(log: EventLog, where: st
     clash = old[1].id if where == "existing" else fresh[0].id
     bad_batch = [fresh[0], fresh[1], env(999, eid=clash), fresh[2]]
 
-    with pytest.raises(Exception):  # noqa: B017 - which exception is the backend's business
+    with pytest.raises(DuplicateIds) as refused:
         await log.append(bad_batch)
+    assert refused.value.positions == {2}  # the reused id; a first occurrence in the batch is not a duplicate
 
     assert await log.head() == head
     assert [e.id for e in await log.read(0)] == [e.id for e in old]
@@ -309,7 +310,7 @@ async def test_reopening_keeps_everything_and_continues_the_chain(backend: Backe
     receipts = await again.append(more)
     assert [r.seq for r in receipts] == [13, 14, 15]
     assert receipts[0].hash == entry_hash(head[1], 13, more[0].raw).hex()
-    with pytest.raises(Exception):  # noqa: B017 - ids stay unique across a reopen
+    with pytest.raises(DuplicateIds):  # ids stay unique across a reopen
         await again.append([env(0, eid=appended[0].id)])
     report = await again.verify()
     assert report.ok and report.checked == 15 and report.head_seq == 15
@@ -520,22 +521,34 @@ async def test_verify_names_the_first_bad_seq(backend: Backend, log: EventLog, h
     assert (await again.verify()).first_bad == first_bad
 
 
+def forge_tail_entry(db: sqlite3.Connection) -> int:
+    """A forged entry after the head, linked and hashed correctly: only a signature check sees it."""
+    last = _row(db, N_ENTRIES)
+    fake = seal(SigningKey.generate(), sender=last["sender"], subject=last["subject"], payload={"forged": True})
+    prev = bytes(last["hash"])
+    _insert(db, {**last, "seq": N_ENTRIES + 1, "id": fake.id, "ts": fake.ts, "nonce": fake.nonce,
+                 "raw": fake.raw, "prev": prev, "hash": entry_hash(prev, N_ENTRIES + 1, fake.raw)})
+    return N_ENTRIES + 1
+
+
 @pytest.mark.requires("sqlite_file")
-@pytest.mark.xfail(strict=True, reason="verify_file checks links, not signatures: a well-linked forged entry at "
-                   "the head (signed by a key the bus never issued) passes. Truncating the tail passes too.")
-async def test_forged_tail_entry_is_detected(backend: Backend, log: EventLog) -> None:
-    path = await _built_and_closed(backend, log)
-
-    def append_forged(db: sqlite3.Connection) -> int:
-        last = _row(db, N_ENTRIES)
-        fake = seal(SigningKey.generate(), sender=last["sender"], subject=last["subject"], payload={"forged": True})
-        prev = bytes(last["hash"])
-        _insert(db, {**last, "seq": N_ENTRIES + 1, "id": fake.id, "ts": fake.ts, "nonce": fake.nonce,
-                     "raw": fake.raw, "prev": prev, "hash": entry_hash(prev, N_ENTRIES + 1, fake.raw)})
-        return N_ENTRIES + 1
-
-    first_bad = tamper(path, append_forged)
-    assert verify_file(path).first_bad == first_bad
+@pytest.mark.parametrize(("how", "chain_only"), [
+    (forge_tail_entry, None),  # links alone cannot see a well-linked forged head
+    (tamper_insert_forged_linked, 5),  # links alone see only the displaced genuine entry
+])
+async def test_signature_check_names_a_well_linked_forgery(backend: Backend, log: EventLog, how, chain_only) -> None:
+    root = SigningKey.generate()  # entries written as the daemon writes its own, so all verify
+    for i in range(N_ENTRIES):
+        await log.append([seal(root, sender="operator", subject="charter.test.entry", payload={"n": i})])
+    await log.close()
+    path = backend.path
+    assert path is not None
+    assert verify_file(path, root=root.public).ok
+    tamper(path, how)
+    assert verify_file(path).first_bad == chain_only
+    report = verify_file(path, root=root.public)
+    forged = N_ENTRIES + 1 if how is forge_tail_entry else 4
+    assert report.first_bad == forged, report.breaks
 
 
 def _cli_verify(home: Home) -> tuple[int, dict]:

@@ -316,13 +316,24 @@ def agents_revoke(agent: str, reason: Annotated[str, typer.Option(help="Why; kep
 
 
 @agents_app.command("renew")
-def agents_renew(creds: CredsOpt, as_json: JsonOpt = False) -> None:
-    """Renew an agent's charter before it expires (run where the agent's credentials are)."""
+def agents_renew(
+    agent: Annotated[Optional[str], typer.Argument(help="As the operator: the agent's name or id (works after expiry too).")] = None,
+    creds: Annotated[Optional[Path], typer.Option("--creds", help="As the agent: its credentials file (before expiry).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Renew a charter: as the agent with --creds, or as the operator by name (also after expiry)."""
     from charter.sdk import Agent
 
+    if (agent is None) == (creds is None):
+        fail(CharterError("bad_request", "give either an agent name (operator) or --creds (agent)"), common.USAGE)
+
     async def body() -> dict[str, Any]:
-        async with Agent.load(creds) as agent:
-            return await agent.renew()
+        if creds is not None:
+            async with Agent.load(creds) as me:
+                return await me.renew()
+        async with OperatorClient(state.home) as client:
+            await client.call("POST", f"/v1/admin/agents/{agent}/renew")
+            return (await client.call("GET", f"/v1/admin/agents/{agent}"))["charter"]
 
     charter = run(body)
     if as_json:

@@ -167,6 +167,12 @@ class Agent:
         self._store(charter, self.creds.key)
         return charter
 
+    async def refresh(self) -> dict[str, Any]:
+        """Fetch the charter the daemon holds now (e.g. after the operator renewed it) and keep it."""
+        charter = await self.charter()
+        self._store(charter, self.creds.key)
+        return charter
+
     async def renew_if_due(self) -> bool:
         if self.needs_renewal():
             await self.renew()

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
 from charter import __version__
@@ -84,6 +85,12 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
     @app.exception_handler(CharterError)
     async def _charter_error(request: Request, exc: CharterError) -> Response:
         return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_params(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return _error(CharterError(BAD_REQUEST, str(first.get("msg")), where or None))
 
     async def caller(request: Request, body: bytes = b"") -> AgentRecord:
         return verify_request(
@@ -286,12 +293,15 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
         sb = node.sandbox(rec)
         return _json({**rec.to_dict(), "charter": rec.charter, "sandbox_used_bytes": sb.usage()})
 
-    @app.post("/v1/admin/agents/{ref}/{action}", tags=["operator"], summary="suspend, resume or revoke an agent")
+    @app.post("/v1/admin/agents/{ref}/{action}", tags=["operator"], summary="suspend, resume, revoke or renew an agent")
     async def agent_action(ref: str, action: str, request: Request) -> Response:
         body = await request.body()
         await operator(request, body)
-        if action not in ("suspend", "resume", "revoke"):
-            raise CharterError("not_found", f"unknown action {action!r}; use suspend, resume or revoke", "action")
+        if action not in ("suspend", "resume", "revoke", "renew"):
+            raise CharterError("not_found", f"unknown action {action!r}; use suspend, resume, revoke or renew", "action")
+        if action == "renew":
+            await node.renew(node.registry.find(ref), by_operator=True)
+            return _json(node.registry.find(ref).to_dict())
         data = decode_json_body(body) if body else {}
         reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
         rec = await node.set_status(ref, action, reason)
