@@ -156,13 +156,16 @@ def run_scenario(workdir: Path, name: str, kind: str, procs: int, seconds: float
     for suffix in ("", "-wal", "-shm", ".ledger.lock"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     return {"pairs": pairs, "seconds": wall, "pairs_per_s": pairs / wall,
-            "p50_ms": pct(lat, 0.50), "p99_ms": pct(lat, 0.99), "max_ms": lat[-1] if lat else float("nan"),
+            "p50_ms": pct(lat, 0.50), "p99_ms": pct(lat, 0.99), "p999_ms": pct(lat, 0.999),
+            "max_ms": lat[-1] if lat else float("nan"),
             "slowest_process_pairs_per_s": min(per_proc), "fastest_process_pairs_per_s": max(per_proc),
+            "fairness": min(per_proc) / max(per_proc),
             "exact": check["exact"]}
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("pairs_per_s", "p50_ms", "p99_ms", "max_ms", "slowest_process_pairs_per_s", "fastest_process_pairs_per_s")
+    keys = ("pairs_per_s", "p50_ms", "p99_ms", "p999_ms", "max_ms", "slowest_process_pairs_per_s",
+            "fastest_process_pairs_per_s", "fairness")
     out: dict[str, Any] = {k: round(statistics.median(r[k] for r in rounds), 3) for k in keys}
     out["pairs"] = sum(r["pairs"] for r in rounds)
     out["per_round_pairs_per_s"] = [round(r["pairs_per_s"], 1) for r in rounds]

@@ -82,9 +82,7 @@ async def send(agent: Agent, envs: list[Envelope], *, batch: bool) -> list[dict]
 def expected_failure(exc: BaseException) -> str | None:
     """A name for the failures a dead or frozen daemon causes; None for anything else."""
     if isinstance(exc, CharterError):
-        return exc.code if exc.code == UNREACHABLE else None
-    if isinstance(exc, TimeoutError):  # the client's own timeout (asyncio.TimeoutError is TimeoutError)
-        return "timeout"
+        return exc.code if exc.code in (UNREACHABLE, "timeout") else None
     return None
 
 

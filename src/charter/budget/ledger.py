@@ -125,6 +125,14 @@ class Settlement:
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _charges(text: str) -> list[tuple[str, str, str, str, int, int | None]]:
+    """A reservation's charges: (scope, unit, period, period_key, amount, hard at reservation time).
+
+    Rows written before the limit was recorded with each charge have 5 fields; their hard is None.
+    """
+    return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in json.loads(text)]
+
+
 def describe(unit: str, amount: int) -> str:
     return f"${amount / 1e6:.6f}".rstrip("0").rstrip(".") if unit == "usd" else f"{amount} tokens"
 
@@ -204,7 +212,7 @@ class Ledger:
             "SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= ? LIMIT 500", (now,)
         ).fetchall()
         for rid, charges in rows:
-            for scope, unit, period, key, amount in json.loads(charges):
+            for scope, unit, period, key, amount, _ in _charges(charges):
                 db.execute(
                     "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                     (amount, scope, unit, period, key),
@@ -233,7 +241,7 @@ class Ledger:
                 ).fetchone()
                 reserved, committed, alerted = row if row else (0, 0, 0)
                 left = lim.hard - reserved - committed
-                if amount > left:
+                if amount and amount > left:  # asking nothing always fits, even under a lowered limit
                     raise CharterError(
                         BUDGET_EXCEEDED,
                         f"{lim.scope} {lim.period} {lim.unit} budget: asked {describe(lim.unit, amount)}, "
@@ -250,7 +258,7 @@ class Ledger:
                     "UPDATE budget_usage SET reserved = reserved + ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                     (amount, lim.scope, lim.unit, lim.period, key),
                 )
-                charges.append((lim.scope, lim.unit, lim.period, key, amount))
+                charges.append((lim.scope, lim.unit, lim.period, key, amount, lim.hard))
                 used = reserved + committed + amount
                 if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
                     db.execute(
@@ -286,7 +294,7 @@ class Ledger:
             overrun = usd > r_usd or tokens > r_tokens
             c_usd, c_tokens = min(usd, r_usd), min(tokens, r_tokens)
             late = state == "expired"
-            for scope, unit, period, key, amount in json.loads(charges):
+            for scope, unit, period, key, amount, hard_then in _charges(charges):
                 actual = c_usd if unit == "usd" else c_tokens
                 if late:
                     # Swept already: commit only what still fits, so the cap still holds.
@@ -297,7 +305,10 @@ class Ledger:
                     hard = db.execute(
                         "SELECT hard FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
                     ).fetchone()
-                    room = (hard[0] - got[0]) if hard and got else actual
+                    # A limit that is not in budget_limits (an agent's default from its charter) is
+                    # capped by the hard it had when the reservation was taken.
+                    cap = hard[0] if hard else hard_then
+                    room = (cap - got[0]) if cap is not None and got else actual
                     if actual > room:
                         overrun, actual = True, max(room, 0)
                     db.execute(
@@ -327,7 +338,7 @@ class Ledger:
                 raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
             if row[2] != "held":
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
-            for scope, unit, period, key, amount in json.loads(row[1]):
+            for scope, unit, period, key, amount, _ in _charges(row[1]):
                 db.execute(
                     "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                     (amount, scope, unit, period, key),

@@ -15,6 +15,7 @@ from charter.identity.keys import SigningKey
 from charter.identity.request_auth import sign_request
 
 UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
 
 
 class SignedClient:
@@ -65,6 +66,9 @@ class SignedClient:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise CharterError(UNREACHABLE, f"cannot reach the Charter daemon at {self.base_url}: {exc}",
                                self.base_url) from None
+        except TimeoutError:
+            raise CharterError(TIMEOUT, f"the Charter daemon at {self.base_url} did not answer in time; "
+                               "the request may still have been applied", self.base_url) from None
 
     async def sse(self, path: str, params: dict[str, Any] | None = None) -> AsyncIterator[tuple[str, bytes]]:
         """(event, data) pairs from a server-sent-event stream, until the server ends it."""

@@ -35,7 +35,11 @@ def read_daemon_file(home: Home) -> dict[str, Any] | None:
     if not isinstance(pid, int) or not psutil.pid_exists(pid):
         return None
     try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        # After a reboot the pid may belong to an unrelated process: it must be a charter daemon.
+        if "charter" not in " ".join(proc.cmdline()):
             return None
     except psutil.Error:
         return None
