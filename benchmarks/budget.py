@@ -19,7 +19,11 @@ daemon does for an agent whose operator set a global cap.
 The scenarios are interleaved for `--rounds` rounds (each on a fresh database) and every figure is
 the median over rounds, so a noisy neighbour hurts all scenarios alike. After each run the ledger is
 checked: nothing left reserved, committed == the sum of the spend table.
-Latency is of one pair (reserve + settle) as seen by the caller, in milliseconds.
+Latency is of one pair (reserve + settle) as seen by the caller, in milliseconds. `fairness` is the
+slowest process's rate over the fastest's (1 = all processes served alike). `cpu_ms_per_pair` is the
+workers' own CPU time per pair; `other_processes_cpu_share` is the share of the machine's CPU that
+went to anything else during the run (from /proc/stat; null where there is none): when it is high,
+the machine was busy and the absolute figures are low, so compare ratios across runs instead.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def worker(db: str, kind: str, index: int, seconds: float, max_pairs: int, warmu
     start.wait()
     lat: list[int] = []
     clock = time.perf_counter_ns
+    cpu0 = time.process_time()
     t_start = time.monotonic()
     deadline = t_start + seconds
     n = 0
@@ -101,8 +106,20 @@ def worker(db: str, kind: str, index: int, seconds: float, max_pairs: int, warmu
         if (n & 31) == 0 and time.monotonic() >= deadline:
             break
     t_end = time.monotonic()
+    cpu = time.process_time() - cpu0
     ledger.close()
-    out.put({"index": index, "pairs": n, "start": t_start, "end": t_end, "lat_ns": lat})
+    out.put({"index": index, "pairs": n, "start": t_start, "end": t_end, "cpu_s": cpu, "lat_ns": lat})
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds spent by everything on this machine so far (from /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(sorted_values: Sequence[float], p: float) -> float:
@@ -141,15 +158,21 @@ def run_scenario(workdir: Path, name: str, kind: str, procs: int, seconds: float
     for p in ps:
         p.start()
     start.wait(timeout=120)
+    busy0 = busy_cpu_seconds()
     results = [out.get(timeout=seconds + 120) for _ in ps]
+    busy1 = busy_cpu_seconds()
     for p in ps:
         p.join(timeout=30)
         if p.exitcode != 0:
             raise RuntimeError(f"{name}: a worker exited with {p.exitcode}")
     pairs = sum(r["pairs"] for r in results)
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
-    lat = sorted(x / 1e6 for r in results for x in r["lat_ns"])
+    lat = sorted(x / 1e6 for r in results for x in r["lat_ns"])  # every worker runs at least one pair
     per_proc = [r["pairs"] / max(r["end"] - r["start"], 1e-9) for r in results]
+    ours = sum(r["cpu_s"] for r in results)
+    # The share of the machine's CPU time during the run that went to other processes: noise.
+    other = (max(busy1 - busy0 - ours, 0.0) / (wall * (os.cpu_count() or 1))
+             if busy0 is not None and busy1 is not None else None)
     check = check_ledger(db)
     if check["settled"] != pairs + warmup * procs or not check["exact"]:
         raise RuntimeError(f"{name}: the ledger is not exact after the run: {check}")
@@ -157,16 +180,18 @@ def run_scenario(workdir: Path, name: str, kind: str, procs: int, seconds: float
         Path(str(db) + suffix).unlink(missing_ok=True)
     return {"pairs": pairs, "seconds": wall, "pairs_per_s": pairs / wall,
             "p50_ms": pct(lat, 0.50), "p99_ms": pct(lat, 0.99), "p999_ms": pct(lat, 0.999),
-            "max_ms": lat[-1] if lat else float("nan"),
+            "max_ms": lat[-1],
             "slowest_process_pairs_per_s": min(per_proc), "fastest_process_pairs_per_s": max(per_proc),
             "fairness": min(per_proc) / max(per_proc),
+            "cpu_ms_per_pair": 1000 * ours / max(pairs, 1), "other_processes_cpu_share": other,
             "exact": check["exact"]}
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("pairs_per_s", "p50_ms", "p99_ms", "p999_ms", "max_ms", "slowest_process_pairs_per_s",
-            "fastest_process_pairs_per_s", "fairness")
-    out: dict[str, Any] = {k: round(statistics.median(r[k] for r in rounds), 3) for k in keys}
+            "fastest_process_pairs_per_s", "fairness", "cpu_ms_per_pair", "other_processes_cpu_share")
+    out: dict[str, Any] = {k: round(statistics.median(r[k] for r in rounds), 3) if rounds[0][k] is not None else None
+                           for k in keys}
     out["pairs"] = sum(r["pairs"] for r in rounds)
     out["per_round_pairs_per_s"] = [round(r["pairs_per_s"], 1) for r in rounds]
     out["exact"] = all(r["exact"] for r in rounds)

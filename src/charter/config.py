@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from charter.bus.subjects import SubjectError, validate_pattern
 from charter.errors import ConfigError
@@ -86,6 +86,64 @@ class PriceConfig(_Strict):
     output_per_mtok: float = Field(ge=0)
 
 
+class BackendConfig(_Strict):
+    kind: Literal["ollama", "openai"]
+    url: str
+    api_key_env: str | None = None  # name of an environment variable holding the key
+    api_key_file: str | None = None  # or a file (mode 0600) holding it
+    managed_service: str | None = None  # a supervisor label that runs this backend
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class TimeoutsConfig(_Strict):
+    connect: Seconds = Field(2.0, gt=0)
+    first_token: Seconds = Field(20.0, gt=0)
+    cold_first_token: Seconds = Field(120.0, gt=0)  # when /api/ps shows the model is not loaded
+    idle: Seconds = Field(15.0, gt=0)
+    total: Seconds = Field(300.0, gt=0)
+
+
+class BreakerConfig(_Strict):
+    failures: int = Field(3, ge=1)  # consecutive soft failures before the circuit opens
+    cooldown: Seconds = Field(5.0, gt=0)  # first open period; doubles while probes keep failing
+    max_cooldown: Seconds = Field(120.0, gt=0)
+
+
+class ProbeConfig(_Strict):
+    interval: Seconds = Field(30.0, gt=0)
+    timeout: Seconds = Field(10.0, gt=0)
+    prompt: str = "Reply with the single word: ready"
+
+
+class ModelsConfig(_Strict):
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    aliases: dict[str, list[str]] = Field(default_factory=dict)
+    default_max_tokens: int = Field(1024, ge=1)
+    midstream: Literal["continue", "error"] = "continue"
+    log_content: bool = False  # prompts and answers in call events (default: only their hashes)
+    degraded_cache: int = Field(256, ge=0)  # recent answers kept for identical prompts
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    probe: ProbeConfig = ProbeConfig()
+
+    @field_validator("aliases")
+    @classmethod
+    def _chains(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for alias, chain in value.items():
+            if not chain:
+                raise ValueError(f"alias {alias!r} has an empty chain")
+            for ref in chain:
+                if ref != "degraded" and "/" not in ref:
+                    raise ValueError(f"alias {alias!r}: {ref!r} is not BACKEND/MODEL or 'degraded'")
+        return value
+
+
 class RoleConfig(_Strict):
     description: str = ""
     publish: list[str] = Field(default_factory=list)
@@ -116,7 +174,17 @@ class Config(_Strict):
     policy: PolicyConfig = PolicyConfig()
     budget: BudgetConfig = BudgetConfig()
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    models: ModelsConfig = ModelsConfig()
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _chains_name_backends(self) -> Config:
+        for alias, chain in self.models.aliases.items():
+            for ref in chain:
+                backend = ref.split("/", 1)[0]
+                if ref != "degraded" and backend not in self.models.backends:
+                    raise ValueError(f"models.aliases.{alias}: backend {backend!r} is not under [models.backends]")
+        return self
 
     @field_validator("roles")
     @classmethod

@@ -53,7 +53,7 @@ from charter.identity.registry import (
 )
 from charter.identity.registry import REVOKED as ST_REVOKED
 from charter.identity.registry import SUSPENDED as ST_SUSPENDED
-from charter.identity.tokens import looks_like_token, new_token, token_hash
+from charter.identity.tokens import looks_like_token, new_api_key, new_token, token_hash
 from charter.governance import Governance
 from charter.sandbox import Sandbox
 
@@ -104,6 +104,9 @@ class Node:
         )
         self.gov = Governance(home, self.config, self.emit, self.root_key.public)
         self.gate = Gate(self.lookup, self.replay, self.gov)
+        from charter.models.gateway import Gateway
+
+        self.gateway = Gateway(self)
         self.started_at = now_ms()
         self.counters: dict[str, int] = {"accepted": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -116,6 +119,7 @@ class Node:
             self.replay.remember(sender, nonce, ts)
         await self.emit("charter.daemon.started", {"version": __version__, "pid": os.getpid()})
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self.gateway.start()
 
     async def _sweep_forever(self, every: float = 1.0) -> None:
         """Expire undecided approvals into denials and return leaked budget reservations."""
@@ -132,6 +136,7 @@ class Node:
             self._sweeper.cancel()
         for t in list(self._tasks):
             t.cancel()
+        await self.gateway.close()
         await self.log.close()
         self.registry.close()
         self.gov.close()
@@ -397,12 +402,14 @@ class Node:
             )
 
         rec = self.registry.redeem(th, name=name, expected_role=role, build=build)
+        api_key = new_api_key()
+        self.registry.add_api_key(rec.id, token_hash(api_key))
         await self.emit("charter.agents.enrolled", {
             "agent_id": rec.id, "name": rec.name, "role": rec.role, "key_id": rec.public_key.key_id,
             "public_key": rec.public_key.b64,
             "policy": rec.charter["policy"], "expires_at": rec.expires_at,
         })
-        return {"charter": rec.charter, "root_public_key": self.root_key.public.b64}
+        return {"charter": rec.charter, "root_public_key": self.root_key.public.b64, "api_key": api_key}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -465,6 +472,24 @@ class Node:
                                                       "old_key_id": old_id, "new_key_id": new.key_id,
                                                       "public_key": new.b64})
         return charter
+
+    async def new_api_key(self, agent: AgentRecord) -> str:
+        """Replace the agent's bearer key (the old one stops working); shown once."""
+        agent = self.ensure_live(agent.id)
+        key = new_api_key()
+        self.registry.add_api_key(agent.id, token_hash(key))
+        await self.emit("charter.agents.api_key_rotated", {"agent_id": agent.id, "name": agent.name})
+        return key
+
+    def agent_for_bearer(self, header: str | None) -> AgentRecord:
+        """The live agent a bearer key belongs to (revocation and suspension apply at once)."""
+        if not header or not header.startswith("Bearer "):
+            raise CharterError("unauthorized", "this call needs `Authorization: Bearer <api key from enrolment>`",
+                               "authorization")
+        agent = self.registry.agent_for_key(token_hash(header[7:].strip()))
+        if agent is None:
+            raise CharterError("unauthorized", "unknown or replaced API key", "authorization")
+        return self.ensure_live(agent.id)
 
     def sandbox(self, agent: AgentRecord) -> Sandbox:
         sb = agent.charter.get("sandbox") or {}

@@ -42,6 +42,10 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(budget_app, name="budget")
 
+from charter.cli.models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 CredsOpt = Annotated[Path, typer.Option("--creds", help="The agent's credentials file (from `charter enroll`).")]
 
@@ -340,6 +344,24 @@ def agents_renew(
         emit_json(charter)
     else:
         out.print(f"Charter renewed; expires {ms_iso(charter['expires_at'])}.")
+
+
+@agents_app.command("api-key")
+def agents_api_key(creds: CredsOpt, as_json: JsonOpt = False) -> None:
+    """Issue a new bearer key for OpenAI/Ollama clients (the old one stops working); saved in the credentials."""
+    from charter.sdk import Agent
+
+    async def body() -> str:
+        async with Agent.load(creds) as agent:
+            return await agent.rotate_api_key()
+
+    key = run(body)
+    if as_json:
+        emit_json({"credentials": str(creds), "rotated": True})
+    else:
+        out.print(f"New API key saved in {creds} (shown nowhere else). Use it as OPENAI_API_KEY with "
+                  "base_url http://127.0.0.1:7477/v1, or as an Ollama client's Authorization header.")
+    _ = key
 
 
 @agents_app.command("rotate-key")

@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS agents (
     updated_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS agents_name ON agents (name);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash    TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked     INTEGER NOT NULL DEFAULT 0
+);
 """
 
 OPERATOR_ID = "operator"
@@ -133,11 +139,13 @@ class Registry:
         self._db = connect(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
         self._agents: dict[str, AgentRecord] = {}
+        self._keys: dict[str, str] = {}
         self.reload()
 
     def reload(self) -> None:
         rows = self._db.execute(f"SELECT {_AGENT_COLS} FROM agents").fetchall()
         self._agents = {r[0]: _record(r) for r in rows}
+        self._keys = dict(self._db.execute("SELECT key_hash, agent_id FROM api_keys WHERE revoked = 0").fetchall())
 
     # -- invites ---------------------------------------------------------------------------
 
@@ -250,6 +258,20 @@ class Registry:
         )
         self._agents[rec.id] = new
         return new
+
+    # -- bearer keys (for unmodified OpenAI and Ollama clients) ----------------------------
+
+    def add_api_key(self, agent_id: str, key_hash: str, *, replace: bool = True) -> None:
+        """Bind a new bearer key (stored as a hash) to an agent; by default the old ones stop working."""
+        if replace:
+            self._db.execute("UPDATE api_keys SET revoked = 1 WHERE agent_id = ?", (agent_id,))
+            self._keys = {h: a for h, a in self._keys.items() if a != agent_id}
+        self._db.execute("INSERT INTO api_keys VALUES (?,?,?,0)", (key_hash, agent_id, now_ms()))
+        self._keys[key_hash] = agent_id
+
+    def agent_for_key(self, key_hash: str) -> AgentRecord | None:
+        agent_id = self._keys.get(key_hash)
+        return self._agents.get(agent_id) if agent_id else None
 
     def close(self) -> None:
         self._db.close()

@@ -26,3 +26,11 @@ def looks_like_token(token: str) -> bool:
 
 def same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+API_KEY_PREFIX = "chk_"
+
+
+def new_api_key() -> str:
+    """A bearer key for OpenAI/Ollama clients: 192 random bits, shown once, stored as a hash."""
+    return API_KEY_PREFIX + b64e(os.urandom(24))

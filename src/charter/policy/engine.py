@@ -85,6 +85,7 @@ class PolicyEngine:
                 if "*" not in p and ">" not in p:
                     self._exact.setdefault(p, []).append(r)
         self._memo: dict[str, tuple[Rule, ...]] = {}
+        self._uses_agent = any(r.program is not None and "agent" in r.program.variables() for r in rules)
 
     def candidates(self, action: str) -> tuple[Rule, ...]:
         hit = self._memo.get(action)
@@ -109,16 +110,21 @@ class PolicyEngine:
                 if ctx is None:
                     values = {k: v for k, v in attrs.items() if k not in RESERVED_NAMES}
                     values["action"] = action
-                    values["agent"] = subject.as_cel()
+                    if self._uses_agent:  # building the map costs more than most conditions
+                        values["agent"] = subject.as_cel()
                     ctx = cel.Context(values)
                 try:
                     held = rule.program.execute(ctx) is True
                 except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated
+                    # Fail closed: a deny rule that cannot be evaluated denies, an approve rule asks
+                    # for the approval; only an allow rule is skipped.
                     if rule.effect == DENY:
-                        # Fail closed: a deny rule that cannot be evaluated denies.
                         return Decision(DENY, rule.id, rule.tier,
                                         f"rule {rule.id!r} could not be evaluated ({_short(exc)}); denying",
                                         tuple(path + [f"{rule.id}: condition error, deny rule: deny"]))
+                    if rule.effect == APPROVE:
+                        path.append(f"{rule.id}: condition error ({_short(exc)}), approve rule: applies")
+                        return self._apply(subject, rule, path)
                     if explain:
                         path.append(f"{rule.id}: condition error ({_short(exc)}), skipped")
                     continue

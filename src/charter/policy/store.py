@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charter.bus.subjects import SubjectError, validate_pattern
+from charter.bus.subjects import SubjectError, pattern_within, validate_pattern
 from charter.encoding import canonical, sha256_hex
 from charter.errors import ConfigError
 from charter.policy.engine import EFFECTS, TIERS, PolicyEngine, Rule, compile_condition
@@ -22,7 +22,7 @@ RULE_KEYS = {"id", "action", "actions", "when", "tier", "effect", "reason"}
 TOP_KEYS = {"id", "version", "description", "rules"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: `charter policy lint --json` serialises `vars(problem)`
 class Problem:
     file: str
     line: int
@@ -78,6 +78,11 @@ class _Lines:
             if self.headers and n + 1 >= self.headers[0]:
                 break
             if pat.match(ln):
+                return n + 1
+        # A top-level key given as a table (`[meta]`, `[meta.x]`, `[[meta]]`) may come after the rules.
+        header = re.compile(rf"\s*\[\[?\s*{re.escape(key)}\s*[\].]")
+        for n, ln in enumerate(self.lines):
+            if header.match(ln):
                 return n + 1
         return 1
 
@@ -172,15 +177,25 @@ def check_document(data: dict[str, Any], file: str, stem: str | None = None,
             err(at("reason"), f"rule {rid!r}: `reason` must be a string")
             reason = ""
         for a in acts:
-            if a in unconditional:
+            above = next((u for u in unconditional if pattern_within(a, u)), None) if _valid(a) else None
+            if above is not None:
                 problems.append(Problem(file, at(), f"rule {rid!r} can never match {a!r}: rule "
-                                        f"{unconditional[a]!r} above it matches first", "warning"))
+                                        f"{unconditional[above]!r} above it matches first", "warning"))
         if when is None:
             for a in acts:
-                unconditional.setdefault(a, rid)
+                if _valid(a):
+                    unconditional.setdefault(a, rid)
         if effect in EFFECTS and tier in TIERS and acts:
             compiled.append(Rule(rid, tuple(acts), effect, tier, reason, when, i, program))
     return problems, compiled
+
+
+def _valid(pattern: str) -> bool:
+    try:
+        validate_pattern(pattern)
+    except SubjectError:
+        return False
+    return True
 
 
 def policy_from_document(data: dict[str, Any], path: Path) -> Policy:

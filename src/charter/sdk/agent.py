@@ -89,7 +89,7 @@ class Agent:
             await client.close()
         charter = answer["charter"]
         creds = Credentials(charter["agent_id"], charter["name"], server.rstrip("/"), key, charter,
-                            answer["root_public_key"])
+                            answer["root_public_key"], answer.get("api_key"))
         creds.check()
         target = Path(path) if path else None
         if target:
@@ -235,6 +235,24 @@ class Agent:
 
     async def release(self, reservation_id: str) -> dict[str, Any]:
         return await self.http.call("POST", "/v1/agent/budget/release", json={"reservation_id": reservation_id})
+
+    # -- models ----------------------------------------------------------------------------
+
+    @property
+    def api_key(self) -> str | None:
+        """The bearer key for pointing an unmodified OpenAI or Ollama client at Charter."""
+        return self.creds.api_key
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.http.base_url + "/v1"
+
+    async def rotate_api_key(self) -> str:
+        key = (await self.http.call("POST", "/v1/agent/api-key"))["api_key"]
+        self.creds.api_key = key
+        if self.path:
+            self.creds.save(self.path)
+        return key
 
     # -- the sandbox -----------------------------------------------------------------------
 

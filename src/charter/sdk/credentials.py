@@ -28,6 +28,7 @@ class Credentials:
     key: SigningKey
     charter: dict[str, Any]
     root_public_key: str
+    api_key: str | None = None  # bearer key for unmodified OpenAI/Ollama clients
 
     def check(self) -> None:
         """The charter must be signed by the root key and name this key; refuse otherwise."""
@@ -45,6 +46,7 @@ class Credentials:
             "server": self.server,
             "private_key": b64e(self.key.seed()),
             "root_public_key": self.root_public_key,
+            "api_key": self.api_key,
             "charter": self.charter,
         }
         return json.dumps(doc, indent=2).encode() + b"\n"
@@ -70,7 +72,7 @@ class Credentials:
             creds = cls(
                 agent_id=doc["agent_id"], name=doc["name"], server=doc["server"],
                 key=SigningKey.from_seed(b64d(doc["private_key"])), charter=doc["charter"],
-                root_public_key=doc["root_public_key"],
+                root_public_key=doc["root_public_key"], api_key=doc.get("api_key"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CharterError("malformed", f"credentials file is damaged: {exc}", str(path)) from None

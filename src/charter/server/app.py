@@ -310,4 +310,14 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
     from charter.server.governance_routes import add_governance_routes
 
     add_governance_routes(app, node, caller, operator)
+
+    from charter.server.gateway_routes import add_gateway_routes
+
+    add_gateway_routes(app, node, node.gateway)
+
+    @app.post("/v1/agent/api-key", tags=["agent"], summary="Replace the caller's bearer key for OpenAI/Ollama clients")
+    async def api_key(request: Request) -> Response:
+        who = await caller(request, await request.body())
+        return _json({"api_key": await node.new_api_key(who)}, 201)
+
     return app

@@ -1,0 +1,112 @@
+"""What the router needs from a backend, and the streaming plumbing they share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from charter.models.types import BackendError, ChatRequest, Final
+
+
+class Backend(Protocol):
+    name: str
+    kind: str
+
+    def stream(self, model: str, req: ChatRequest, *, first_token: float, idle: float,
+               total: float) -> AsyncIterator[str | Final]:
+        """Text pieces, then exactly one Final; raises BackendError on any failure."""
+
+    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]: ...
+
+    async def list_models(self) -> list[str]: ...
+
+    async def is_loaded(self, model: str) -> bool | None:
+        """True/False when the backend can tell (Ollama's /api/ps); None when it cannot."""
+
+    async def close(self) -> None: ...
+
+
+def classify_client_error(exc: BaseException) -> BackendError:
+    """Turn aiohttp's zoo of exceptions into the few kinds the breaker and the events use."""
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendError("refused", f"connection refused or unreachable: {exc.os_error or exc}")
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError)):
+        return BackendError("connect_timeout", "connect timed out")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return BackendError("disconnected", f"the backend closed the connection mid-answer ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientError):
+        return BackendError("http", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return BackendError("timeout", "timed out")
+    return BackendError("error", f"{type(exc).__name__}: {exc}")
+
+
+def error_kind(status: int, message: str) -> str:
+    low = message.lower()
+    if "runner" in low or "unexpected eof" in low:
+        return "runner_error"
+    return {429: "rate_limited", 500: "server_error", 502: "bad_gateway", 503: "overloaded",
+            504: "gateway_timeout", 404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
+
+
+async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: float,
+                     deadline: float) -> AsyncIterator[bytes]:
+    """Non-empty lines of a streaming body, with the first-token, idle and total timeouts applied."""
+    first = True
+    while True:
+        wait = first_token if first else idle
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BackendError("total_timeout", "the answer took longer than the total timeout")
+        try:
+            line = await asyncio.wait_for(resp.content.readline(), min(wait, left))
+        except TimeoutError:
+            if left <= wait:
+                raise BackendError("total_timeout", "the answer took longer than the total timeout") from None
+            kind = "first_token_timeout" if first else "idle_timeout"
+            raise BackendError(kind, f"no {'first token' if first else 'token'} within {wait:g}s") from None
+        if not line:
+            return
+        line = line.strip()
+        if line:
+            first = False
+            yield line
+
+
+async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
+    raw = await resp.read()
+    try:
+        doc = orjson.loads(raw)
+        err = doc.get("error", doc)
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        msg = raw[:200].decode(errors="replace")
+    return BackendError(error_kind(resp.status, str(msg)), f"HTTP {resp.status}: {msg}", status=resp.status)
+
+
+def new_session(connect: float, limit: int = 256) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, connect=connect),
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30, enable_cleanup_closed=True),
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+    )
+
+
+def options_for(req: ChatRequest) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(req.extra_options)
+    if req.max_tokens is not None:
+        opts["num_predict"] = req.max_tokens
+    for key in ("temperature", "top_p", "seed"):
+        v = getattr(req, key)
+        if v is not None:
+            opts[key] = v
+    if req.stop:
+        opts["stop"] = req.stop
+    return opts

@@ -1,0 +1,112 @@
+"""Ollama's native API: NDJSON streams, `{"error": ...}` lines under HTTP 200, `/api/ps` load state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from charter.models.backends.base import classify_client_error, error_body, new_session, options_for, read_lines
+from charter.models.types import BackendError, ChatRequest, Final
+
+
+class OllamaBackend:
+    kind = "ollama"
+
+    def __init__(self, name: str, url: str, *, connect: float = 2.0) -> None:
+        self.name, self.url = name, url.rstrip("/")
+        self._connect = connect
+        self._session: aiohttp.ClientSession | None = None
+        self._ps: tuple[float, set[str]] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self._connect)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def stream(self, model: str, req: ChatRequest, *, first_token: float, idle: float,
+                     total: float) -> AsyncIterator[str | Final]:
+        body = {"model": model, "messages": req.messages, "stream": True}
+        opts = options_for(req)
+        if opts:
+            body["options"] = opts
+        deadline = time.monotonic() + total
+        produced = 0
+        try:
+            async with self.session.post(self.url + "/api/chat", data=orjson.dumps(body),
+                                         headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                async for line in read_lines(resp, first_token=first_token, idle=idle, deadline=deadline):
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        raise BackendError("malformed", f"not a JSON line: {line[:80]!r}") from None
+                    if not isinstance(obj, dict):
+                        raise BackendError("malformed", "a stream line is not a JSON object")
+                    if "error" in obj:
+                        raise BackendError("midstream_error", str(obj["error"]))
+                    text = (obj.get("message") or {}).get("content") or ""
+                    if text:
+                        produced += 1
+                        yield text
+                    if obj.get("done"):
+                        if not produced:
+                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                        self._mark_loaded(model)
+                        yield Final(obj.get("done_reason") or "stop", int(obj.get("prompt_eval_count") or 0),
+                                    int(obj.get("eval_count") or 0),
+                                    {k: obj[k] for k in ("total_duration", "load_duration", "prompt_eval_duration",
+                                                         "eval_duration") if k in obj})
+                        return
+                raise BackendError("truncated", "the stream ended without a final `done` object")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise classify_client_error(exc) from None
+
+    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
+        try:
+            async with self.session.post(self.url + "/api/embed", json={"model": model, "input": inputs},
+                                         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                doc = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise classify_client_error(exc) from None
+        vectors = doc.get("embeddings")
+        if not isinstance(vectors, list) or len(vectors) != len(inputs) or not all(vectors):
+            raise BackendError("malformed", "embed answer does not hold one vector per input")
+        return vectors, int(doc.get("prompt_eval_count") or 0)
+
+    async def _get(self, path: str, timeout: float = 3.0) -> dict:
+        try:
+            async with self.session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                return orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise classify_client_error(exc) from None
+
+    async def list_models(self) -> list[str]:
+        return [m.get("name", "") for m in (await self._get("/api/tags")).get("models", [])]
+
+    def _mark_loaded(self, model: str) -> None:
+        if self._ps is not None:
+            self._ps[1].add(model)
+
+    async def is_loaded(self, model: str) -> bool | None:
+        """From /api/ps, cached for two seconds; None if Ollama cannot say."""
+        now = time.monotonic()
+        if self._ps is None or now - self._ps[0] > 2.0:
+            try:
+                names = {m.get("name") or m.get("model") for m in (await self._get("/api/ps", 1.0)).get("models", [])}
+            except BackendError:
+                return None
+            self._ps = (now, {n for n in names if n})
+        return model in self._ps[1]

@@ -1,0 +1,129 @@
+"""Any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, a cloud API): SSE streams with usage."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from charter.models.backends.base import classify_client_error, error_body, new_session, read_lines
+from charter.models.types import BackendError, ChatRequest, Final
+
+
+class OpenAIBackend:
+    kind = "openai"
+
+    def __init__(self, name: str, url: str, *, api_key_env: str | None = None, api_key_file: str | None = None,
+                 connect: float = 2.0) -> None:
+        self.name, self.url = name, url.rstrip("/")
+        self._connect = connect
+        self._key_env, self._key_file = api_key_env, api_key_file
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        """Headers with the API key; a backend that names a key it cannot find is not called at all."""
+        headers = {"Content-Type": "application/json"}
+        key = None
+        if self._key_env:
+            key = os.environ.get(self._key_env)
+        if not key and self._key_file:
+            try:
+                key = Path(self._key_file).expanduser().read_text().strip()
+            except OSError:
+                key = None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        elif self._key_env or self._key_file:
+            where = f"${self._key_env}" if self._key_env else self._key_file
+            raise BackendError("unconfigured", f"no API key: {where} is not set")
+        return headers
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self._connect)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def stream(self, model: str, req: ChatRequest, *, first_token: float, idle: float,
+                     total: float) -> AsyncIterator[str | Final]:
+        body: dict = {"model": model, "messages": req.messages, "stream": True,
+                      "stream_options": {"include_usage": True}}
+        if req.max_tokens is not None:
+            body["max_tokens"] = req.max_tokens
+        for key in ("temperature", "top_p", "seed", "stop"):
+            v = getattr(req, key)
+            if v is not None:
+                body[key] = v
+        deadline = time.monotonic() + total
+        produced, finish = 0, "stop"
+        usage: dict = {}
+        try:
+            async with self.session.post(self.url + "/chat/completions", data=orjson.dumps(body),
+                                         headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                async for line in read_lines(resp, first_token=first_token, idle=idle, deadline=deadline):
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        if not produced:
+                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                        yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                        return
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise BackendError("malformed", f"not a JSON event: {data[:80]!r}") from None
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        raise BackendError("midstream_error", str(err.get("message") if isinstance(err, dict) else err))
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            produced += 1
+                            yield text
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                raise BackendError("truncated", "the stream ended without [DONE]")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise classify_client_error(exc) from None
+
+    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
+        try:
+            async with self.session.post(self.url + "/embeddings", data=orjson.dumps({"model": model, "input": inputs}),
+                                         headers=self._headers(),
+                                         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                doc = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise classify_client_error(exc) from None
+        data = sorted(doc.get("data") or [], key=lambda d: d.get("index", 0))
+        if len(data) != len(inputs):
+            raise BackendError("malformed", "embeddings answer does not hold one vector per input")
+        return [d["embedding"] for d in data], int((doc.get("usage") or {}).get("prompt_tokens") or 0)
+
+    async def list_models(self) -> list[str]:
+        try:
+            async with self.session.get(self.url + "/models", headers=self._headers(),
+                                        timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                doc = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise classify_client_error(exc) from None
+        return [m.get("id", "") for m in doc.get("data", [])]
+
+    async def is_loaded(self, model: str) -> bool | None:
+        return None
