@@ -78,12 +78,134 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DEMO_MODELS = """[models]
+default_max_tokens = 512
+midstream = "continue"
+
+[models.backends.ollama]
+kind = "ollama"
+url = "http://127.0.0.1:{primary}"
+
+[models.backends.backup]
+kind = "ollama"
+url = "http://127.0.0.1:{backup}"
+
+[models.aliases]
+default = ["ollama/llama3.2:3b", "backup/qwen2.5:0.5b", "degraded"]
+
+[models.timeouts]
+connect = "1s"
+first_token = "3s"
+cold_first_token = "10s"
+idle = "2s"
+total = "60s"
+
+[models.breaker]
+failures = 2
+cooldown = "1s"
+max_cooldown = "4s"
+
+[models.probe]
+interval = "1s"
+timeout = "3s"
+
+"""
+
+
+def point_gateway_at(config: str, primary: int, backup: int) -> str:
+    """Replace the [models] part of charter.toml with two stand-in Ollama servers on loopback."""
+    start = config.index("# The model gateway.")
+    end = config.index("# Roles: what an enrolled agent may do.")
+    return config[:start] + DEMO_MODELS.format(primary=primary, backup=backup) + config[end:]
+
+
+async def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def models_step(home: Home, alpha: Agent, n: int) -> None:
+    import openai
+
+    step(n, "The model is interchangeable",
+         "Two stand-in Ollama servers (Ollama's wire format, run as real processes; a real Ollama cannot "
+         "be installed here) sit behind the alias `default`: ollama -> backup -> degraded mode. alpha uses "
+         "the unmodified `openai` client with the bearer key it got at enrolment.")
+    charter(home, "models", "list")
+    client = openai.AsyncOpenAI(base_url=alpha.openai_base_url, api_key=alpha.api_key, max_retries=0)
+    console.print("[bold cyan]>>> stream = await client.chat.completions.create(model='default', stream=True, ...)[/bold cyan]")
+    stream = await client.chat.completions.create(
+        model="default", stream=True,
+        messages=[{"role": "user", "content": "Tell a long story about a lighthouse. [[tokens=120]]"}])
+    text, meta, killed = "", {}, False
+    async for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+        meta = (chunk.model_extra or {}).get("charter") or meta
+        if not killed and len(text.split()) >= 20:
+            console.print(f"  after {len(text.split())} words: [red]kill -9 the primary Ollama[/red] (pid {primary.pid})")
+            primary.kill()
+            killed = True
+    console.print(f"  the client received one unbroken answer of {len(text.split())} words; it ends: "
+                  f"…{' '.join(text.split()[-8:])}")
+    if not meta.get("continued_after") or meta.get("backend") != "backup/qwen2.5:0.5b":
+        raise DemoFailure(f"the stream should have continued on the backup: {meta}")
+    console.print(f"  metadata: answered by [bold]{meta['backend']}[/bold], continued after "
+                  f"{', '.join(meta['continued_after'])} failed mid-stream")
+    charter(home, "models", "health")
+
+    console.print("[dim]Now the backup dies too: the last rung answers honestly instead of failing.[/dim]")
+    backup.kill()
+    r = await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Status?"}])
+    answer = r.choices[0].message.content or ""
+    if "degraded mode" not in answer:
+        raise DemoFailure(f"expected the degraded answer, got {answer!r}")
+    console.print(f"  {answer[:230]}…")
+
+    console.print("[dim]The primary comes back on its port; a deep probe (a tiny real generation) closes its "
+                  "circuit and traffic returns.[/dim]")
+    restart(primary, "llama3.2:3b")
+
+    async def primary_closed() -> bool:
+        from charter.cli.operator import OperatorClient
+
+        async with OperatorClient(home) as op:
+            data = await op.call("GET", "/v1/admin/models")
+        return any(b["backend"] == "ollama" and b["state"] == "closed" for b in data["backends"])
+
+    if not await wait_for(primary_closed):
+        raise DemoFailure("the primary's circuit did not close after it came back")
+    r = await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hello again"}])
+    meta = (r.model_extra or {}).get("charter") or {}
+    console.print(f"  answered by [bold green]{meta.get('backend')}[/bold green]: {(r.choices[0].message.content or '')[:60]}…")
+    if meta.get("backend") != "ollama/llama3.2:3b":
+        raise DemoFailure(f"traffic did not return to the primary: {meta}")
+    charter(home, "models", "health")
+    await client.close()
+
+
+primary: Any = None
+backup: Any = None
+
+
+def restart(proc: Any, model: str) -> None:
+    from charter.models.standin import spawn_standin
+
+    global primary
+    primary = spawn_standin(port=proc.port, models=[model], token_delay=0.01)
+
+
 async def scenario(home: Home, work: Path) -> None:
     step(1, "A fresh home", "`charter init` creates the config, the operator's root key (mode 0600), "
          "the database, and the default roles and policy. Running it twice changes nothing.")
     charter(home, "init")
     text = home.config_path.read_text()
-    home.config_path.write_text(re.sub(r"(?m)^port = \d+", f"port = {free_port()}", text))
+    text = re.sub(r"(?m)^port = \d+", f"port = {free_port()}", text)
+    home.config_path.write_text(point_gateway_at(text, primary.port, backup.port))
     charter(home, "init")
 
     step(2, "The daemon", "`charter up` serves the bus and the APIs on 127.0.0.1 only.")
@@ -191,7 +313,9 @@ async def scenario(home: Home, work: Path) -> None:
         console.print(f"  [red]refused[/red] [bold]{exc.code}[/bold]: {exc.message}\n  free models still usable: {free}")
     charter(home, "budget", "show")
 
-    step(10, "Revocation", "The operator revokes owl. Its very next message is refused, and its live "
+    await models_step(home, alpha, 10)
+
+    step(11, "Revocation", "The operator revokes owl. Its very next message is refused, and its live "
          "subscription ends.")
     charter(home, "agents", "revoke", "owl", "--reason", "demo: decommissioned")
     charter(home, "publish", "agents.owl.notes", '{"still": "here?"}', "--creds", str(owl_creds), expect=4)
@@ -200,7 +324,7 @@ async def scenario(home: Home, work: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - the stream ends with the revocation error
         console.print(f"  owl's stream ended: {exc}")
 
-    step(11, "The log, attributed and verified",
+    step(12, "The log, attributed and verified",
          "Every accepted message and every lifecycle step (by the operator) is in the log. "
          "`charter log verify` recomputes the hash chain and names the first bad entry if any.")
     charter(home, "tail", "-n", "12")
@@ -210,6 +334,11 @@ async def scenario(home: Home, work: Path) -> None:
 
 
 def main() -> int:
+    global primary, backup
+    from charter.models.standin import spawn_standin
+
+    primary = spawn_standin(models=["llama3.2:3b"], token_delay=0.01)
+    backup = spawn_standin(models=["qwen2.5:0.5b"], token_delay=0.01)
     work = Path(tempfile.mkdtemp(prefix="charter-demo-"))
     home = Home(work / "home")
     console.print(Panel.fit(
@@ -228,6 +357,8 @@ def main() -> int:
         from charter.server.daemon import stop
 
         stop(home)
+        for proc in (primary, backup):
+            proc.stop()
         if code == 0:
             shutil.rmtree(work, ignore_errors=True)
         else:

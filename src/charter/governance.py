@@ -216,8 +216,8 @@ class Governance:
         if "usd" in req:
             try:
                 usd = int(round(float(req["usd"]) * MICRO))
-            except (TypeError, ValueError):
-                raise CharterError(BAD_REQUEST, "usd is a number of dollars", "usd") from None
+            except (TypeError, ValueError, OverflowError):
+                raise CharterError(BAD_REQUEST, "usd is a finite number of dollars", "usd") from None
         elif model:
             try:
                 usd = self.prices.price(model).cost_micros(tokens_in, max_out)
@@ -244,7 +244,7 @@ class Governance:
         try:
             res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens_in + max_out,
                                       limits=self.limits_for(agent), model=model, action=action,
-                                      ttl_s=float(req.get("ttl_s") or self.config.budget.reservation_ttl))
+                                      ttl_s=self._ttl(req.get("ttl_s")))
         except CharterError as err:
             if err.code == BUDGET_EXCEEDED:
                 err.message = err.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
@@ -254,6 +254,19 @@ class Governance:
         for alert in res.alerts:
             await self.emit("charter.budget.alerts", {"agent_id": agent.id, "name": agent.name, **alert})
         return {**res.to_dict(), "usd": usd / MICRO, "tier": d.tier, "rule": d.rule}
+
+    def _ttl(self, value: Any) -> float:
+        """A reservation lives at most `budget.reservation_ttl`: an agent cannot park shared money."""
+        cap = self.config.budget.reservation_ttl
+        if value is None:
+            return cap
+        try:
+            ttl = float(value)
+        except (TypeError, ValueError):
+            raise CharterError(BAD_REQUEST, "ttl_s is a number of seconds", "ttl_s") from None
+        if not 0 < ttl < float("inf"):
+            raise CharterError(BAD_REQUEST, "ttl_s must be a positive, finite number of seconds", "ttl_s")
+        return min(ttl, cap)
 
     async def _refused(self, agent: AgentRecord, err: CharterError) -> None:
         await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "refused",
@@ -269,7 +282,10 @@ class Governance:
         except (TypeError, ValueError):
             raise CharterError(BAD_REQUEST, "tokens_in and tokens_out are integers", "tokens") from None
         if "usd" in req:
-            usd = int(round(float(req["usd"]) * MICRO))
+            try:
+                usd = int(round(float(req["usd"]) * MICRO))
+            except (TypeError, ValueError, OverflowError):
+                raise CharterError(BAD_REQUEST, "usd is a finite number of dollars", "usd") from None
         else:
             model = self.ledger.reservation_model(rid)
             usd = self.prices.price(model).cost_micros(tokens_in, tokens_out) if model else 0

@@ -469,6 +469,9 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
+_FAULT_KEY: web.RequestKey[Applied | None] = web.RequestKey("standin_fault")
+
+
 def _now_ns() -> int:
     return time.perf_counter_ns()
 
@@ -719,7 +722,7 @@ class StandinOllama:
             _abort(request)  # a request on a connection opened before the port closed
             return web.Response(status=500)
         fault = self._take_fault(path)
-        request["standin_fault"] = fault
+        request[_FAULT_KEY] = fault
         if fault is not None:
             if fault.mode == "hang":
                 assert self._stopping is not None
@@ -1082,7 +1085,7 @@ class StandinOllama:
 
     async def _native(self, request: web.Request, kind: str) -> web.StreamResponse:
         t0 = _now_ns()
-        fault: Applied | None = request.get("standin_fault")
+        fault: Applied | None = request.get(_FAULT_KEY)
         body = await self._body(request)
         info = self._model(body)
         keep_alive = self._keep_alive(body)
@@ -1226,7 +1229,7 @@ class StandinOllama:
     async def _embed_vectors(
         self, request: web.Request, info: ModelInfo, inputs: list[str], keep_alive: float, truncate: bool, dimensions: Any
     ) -> tuple[list[list[float]], dict[str, Any]] | web.StreamResponse:
-        fault: Applied | None = request.get("standin_fault")
+        fault: Applied | None = request.get(_FAULT_KEY)
         t0 = _now_ns()
         mode = fault.mode if fault else None
         if mode == "disconnect_midstream":
@@ -1267,7 +1270,7 @@ class StandinOllama:
             if keep_alive == 0:
                 self._loaded.pop(info.name, None)
             else:
-                await self._ensure_loaded(info.name, keep_alive, request.get("standin_fault"))
+                await self._ensure_loaded(info.name, keep_alive, request.get(_FAULT_KEY))
                 self._touch(info.name, keep_alive)
             return _json({"model": info.name, "embeddings": []})
         result = await self._embed_vectors(request, info, inputs, keep_alive, body.get("truncate", True) is not False, body.get("dimensions"))
@@ -1284,7 +1287,7 @@ class StandinOllama:
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be a string")
         if not prompt:
-            await self._ensure_loaded(info.name, keep_alive, request.get("standin_fault"))
+            await self._ensure_loaded(info.name, keep_alive, request.get(_FAULT_KEY))
             self._touch(info.name, keep_alive)
             return _json({"embedding": []})
         result = await self._embed_vectors(request, info, [prompt], keep_alive, True, None)
@@ -1345,7 +1348,7 @@ class StandinOllama:
 
     async def _v1_chat(self, request: web.Request) -> web.StreamResponse:
         t0 = _now_ns()
-        fault: Applied | None = request.get("standin_fault")
+        fault: Applied | None = request.get(_FAULT_KEY)
         body = await self._body(request)
         texts, last_user = self._v1_messages(body.get("messages"))
         options = self._v1_options(body)
@@ -1371,7 +1374,7 @@ class StandinOllama:
 
     async def _v1_completions(self, request: web.Request) -> web.StreamResponse:
         t0 = _now_ns()
-        fault: Applied | None = request.get("standin_fault")
+        fault: Applied | None = request.get(_FAULT_KEY)
         body = await self._body(request)
         options = self._v1_options(body)
         info = self._model(body)
