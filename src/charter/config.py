@@ -34,6 +34,7 @@ class DaemonConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
+    access_log: bool = False  # a log line for every request (errors are always logged)
 
 
 class BusConfig(_Strict):

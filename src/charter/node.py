@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ from charter.identity.registry import REVOKED as ST_REVOKED
 from charter.identity.registry import SUSPENDED as ST_SUSPENDED
 from charter.identity.tokens import looks_like_token, new_api_key, new_token, token_hash
 from charter.governance import Governance
+from charter.observability.context import request_id
 from charter.sandbox import Sandbox
 
 log = logging.getLogger("charter.node")
@@ -107,6 +108,11 @@ class Node:
         from charter.models.gateway import Gateway
 
         self.gateway = Gateway(self)
+        from charter.observability.metrics import Metrics
+
+        self.metric_sources: list[Callable[[], Iterator[Any]]] = []  # other parts add collectors here
+        self.metrics = Metrics(self)
+        self.dashboard_token_hash: str | None = None
         self.started_at = now_ms()
         self.counters: dict[str, int] = {"accepted": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -117,6 +123,7 @@ class Node:
         since = now_ms() - self.replay.window_ms
         for sender, nonce, ts in await self.log.recent_nonces(since):
             self.replay.remember(sender, nonce, ts)
+        self.new_dashboard_token()
         await self.emit("charter.daemon.started", {"version": __version__, "pid": os.getpid()})
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self.gateway.start()
@@ -231,7 +238,13 @@ class Node:
         return outcomes  # type: ignore[return-value]
 
     async def emit(self, subject: str, payload: Any, kind: str = "event") -> Receipt:
-        """Publish as the operator (signed with the root key): lifecycle and daemon events."""
+        """Publish as the operator (signed with the root key): lifecycle and daemon events.
+
+        An event caused by an HTTP request carries that request's id, as the access log does.
+        """
+        rid = request_id.get()
+        if rid is not None and isinstance(payload, dict) and "request_id" not in payload:
+            payload = {**payload, "request_id": rid}
         env = envmod.seal(self.root_key, sender=OPERATOR_ID, subject=subject, payload=payload, kind=kind)
         return await self.publish(env)
 
@@ -490,6 +503,23 @@ class Node:
         if agent is None:
             raise CharterError("unauthorized", "unknown or replaced API key", "authorization")
         return self.ensure_live(agent.id)
+
+    def new_dashboard_token(self) -> str:
+        """A login token for the dashboard (operator rights), shown by `charter up`; stored as a hash."""
+        from charter.fsutil import write_private
+        from charter.identity.tokens import b64e
+
+        token = "chd_" + b64e(os.urandom(24))
+        self.dashboard_token_hash = token_hash(token)
+        write_private(self.home.run_dir / "dashboard.token", token.encode() + b"\n")
+        return token
+
+    def is_dashboard_token(self, header: str | None) -> bool:
+        import hmac
+
+        if not header or not header.startswith("Bearer chd_") or self.dashboard_token_hash is None:
+            return False
+        return hmac.compare_digest(token_hash(header[7:].strip()), self.dashboard_token_hash)
 
     def sandbox(self, agent: AgentRecord) -> Sandbox:
         sb = agent.charter.get("sandbox") or {}

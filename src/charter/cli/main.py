@@ -108,8 +108,26 @@ def up(
         except RuntimeError as exc:
             fail(str(exc))
         out.print(f"Charter is up at [bold]{info['url']}[/bold] (pid {info['pid']}); logs: {home.log_file}")
+        from charter.server.daemon import dashboard_token
+
+        token = dashboard_token(home)
+        if token:
+            out.print(f"Dashboard: {info['url']}/dashboard#token={token}")
         return
     raise SystemExit(serve(home, port=port))
+
+
+@app.command()
+def dashboard() -> None:
+    """Print the dashboard's address with this start's login token."""
+    from charter.server.daemon import dashboard_token, read_daemon_file
+
+    info = read_daemon_file(state.home)
+    token = dashboard_token(state.home)
+    if not info or not token:
+        fail(CharterError("not_running", "no daemon is running for this home; start it with `charter up`"),
+             common.UNREACHABLE)
+    print(f"{info['url']}/dashboard#token={token}")
 
 
 @app.command()

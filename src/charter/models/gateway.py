@@ -141,4 +141,5 @@ class Gateway:
         if self.config.log_content:
             payload["prompt"] = req.messages
             payload["answer"] = result.text if result else None
+        self.node.metrics.call(payload["backend"], error is None, time.perf_counter() - started, payload["attempts"])
         await self.node.emit("charter.models.calls", payload)

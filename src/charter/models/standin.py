@@ -525,7 +525,6 @@ class StandinOllama:
         self._control_runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self._reopen: asyncio.TimerHandle | None = None
-        self._started_wall = time.time()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -583,18 +582,19 @@ class StandinOllama:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._site = site
 
-    async def _close_listener(self) -> None:
+    async def _close_listener(self, keep: object = None) -> None:
+        """Stop listening and drop every open connection (but `keep`, which closes by itself)."""
         site, self._site = self._site, None
         if site is not None:
             await site.stop()
         if self._runner is not None and self._runner.server is not None:
             for conn in self._runner.server.connections:
                 transport = conn.transport
-                if transport is not None:
+                if transport is not None and conn is not keep:
                     transport.abort()
 
-    async def _apply_refuse(self) -> None:
-        await self._close_listener()
+    async def _apply_refuse(self, keep: object = None) -> None:
+        await self._close_listener(keep)
         seconds = self.fault.params.get("seconds")
         if seconds is not None:
             loop = asyncio.get_running_loop()
@@ -790,20 +790,17 @@ class StandinOllama:
             if self._reopen is not None:
                 self._reopen.cancel()
                 self._reopen = None
-            # Answer first, then take the port down (this request may have come through it).
+            # Take the port down; this request may have come through it, so its connection is
+            # spared and closes once the answer is out.
+            await self._apply_refuse(keep=request.protocol)
             resp = _json({"fault": self.fault.describe()})
             resp.force_close()
-            asyncio.get_running_loop().call_later(0.02, lambda: asyncio.ensure_future(self._apply_refuse_now()))
             return resp
         try:
             described = await self.apply_fault(mode, count, paths=paths, **body)
         except (ValueError, TypeError) as exc:
             return _json({"error": str(exc)}, 400)
         return _json({"fault": described})
-
-    async def _apply_refuse_now(self) -> None:
-        if self.fault.mode == "refuse":
-            await self._apply_refuse()
 
     async def _ctl_state(self, request: web.Request) -> web.Response:
         return _json(self.state())

@@ -22,6 +22,8 @@ from charter.errors import BAD_REQUEST, CharterError
 from charter.identity.registry import OPERATOR_ID, AgentRecord
 from charter.identity.request_auth import verify_request
 from charter.node import Node, decode_json_body
+from charter.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from charter.observability.middleware import RequestIdMiddleware
 from charter.units import parse_duration
 
 log = logging.getLogger("charter.server")
@@ -81,6 +83,11 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.node = node
+    app.add_middleware(RequestIdMiddleware, access_log=node.config.daemon.access_log)
+
+    @app.get("/metrics", tags=["daemon"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(node.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.exception_handler(CharterError)
     async def _charter_error(request: Request, exc: CharterError) -> Response:
@@ -93,6 +100,8 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
         return _error(CharterError(BAD_REQUEST, str(first.get("msg")), where or None))
 
     async def caller(request: Request, body: bytes = b"") -> AgentRecord:
+        if node.is_dashboard_token(request.headers.get("authorization")):
+            return node.operator  # the dashboard's login token carries operator rights
         return verify_request(
             request.headers.get("authorization"), request.method, _target(request), body,
             node.lookup, node.request_guard,

@@ -25,6 +25,14 @@ from charter.fsutil import write_private
 from charter.logs import setup_logging
 
 
+def dashboard_token(home: Home) -> str | None:
+    """The running daemon's dashboard login token (a fresh one each start), if any."""
+    try:
+        return (home.run_dir / "dashboard.token").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def read_daemon_file(home: Home) -> dict[str, Any] | None:
     """The running daemon's record, or None if there is none or its process is gone."""
     try:
@@ -58,6 +66,10 @@ class _Server(uvicorn.Server):
         if self.started:
             info = {"pid": os.getpid(), "url": self.url, "started_at": time.time()}
             write_private(self.home.daemon_file, json.dumps(info).encode())
+            token = dashboard_token(self.home)
+            if token:
+                print(f"Charter is up at {self.url} (pid {os.getpid()}).", flush=True)
+                print(f"Dashboard: {self.url}/dashboard#token={token}", flush=True)
 
 
 def serve(home: Home, host: str | None = None, port: int | None = None) -> int:

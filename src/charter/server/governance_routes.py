@@ -103,6 +103,14 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
         body = await request.body()
         await operator(request, body)
         doc = _object(body)
+        if "sig" not in doc and node.is_dashboard_token(request.headers.get("authorization")):
+            # The dashboard cannot hold the root key; the daemon, which does, signs for the logged-in operator.
+            from charter.policy.approvals import decision_document, sign_decision
+
+            window = doc.get("window_s")
+            doc = sign_decision(node.root_key, decision_document(
+                approval_id, str(doc.get("verdict")), float(window) if window else None,
+                str(doc.get("note", "")) + " (via the dashboard)"))
         if doc.get("approval_id") != approval_id:
             raise CharterError(BAD_REQUEST, "the signed decision names another approval", "approval_id")
         return _json((await gov.decide_approval(doc)).to_dict())

@@ -1,0 +1,1 @@
+"""Observability: request ids, structured access logs, Prometheus metrics."""

@@ -1,0 +1,102 @@
+"""Prometheus metrics at `/metrics`.
+
+Most values are read from the parts at scrape time (a custom collector), so the hot paths pay
+nothing: bus accept/refuse counters, circuit states, budgets used and left. Only the gateway's
+per-call latency is observed as it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from charter.node import Node
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class _NodeCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        bus = CounterMetricFamily("charter_bus_messages", "Envelopes accepted or refused by the bus, by code",
+                                  labels=["result", "code"])
+        for code, n in node.counters.items():
+            bus.add_metric(["accepted" if code == "accepted" else "refused", "" if code == "accepted" else code], n)
+        yield bus
+
+        head = GaugeMetricFamily("charter_log_head_seq", "Sequence number of the last entry in the bus log")
+        head.add_metric([], node.log.head_sync()[0])
+        yield head
+
+        agents = GaugeMetricFamily("charter_agents", "Enrolled agents by status", labels=["status"])
+        counts: dict[str, int] = {"active": 0, "suspended": 0, "revoked": 0}
+        for a in node.registry.all():
+            counts[a.status] = counts.get(a.status, 0) + 1
+        for status, n in counts.items():
+            agents.add_metric([status], n)
+        yield agents
+
+        circuit = GaugeMetricFamily("charter_gateway_circuit_state",
+                                    "Circuit per backend: 0 closed, 1 half-open, 2 open", labels=["backend"])
+        for name, br in node.gateway.router.breakers.items():
+            circuit.add_metric([name], CIRCUIT.get(br.state, 2))
+        yield circuit
+
+        used = GaugeMetricFamily("charter_budget_used", "Committed plus reserved in the current period",
+                                 labels=["scope", "unit", "period"])
+        left = GaugeMetricFamily("charter_budget_left", "What is left in the current period",
+                                 labels=["scope", "unit", "period"])
+        limits = node.gov.ledger.limits()
+        for a in node.registry.all():
+            if a.status != "revoked":
+                explicit = {(lim.unit, lim.period) for lim in limits if lim.scope == f"agent:{a.id}"}
+                limits += [d for d in node.gov.default_limits(a) if (d.unit, d.period) not in explicit]
+        names = {f"agent:{a.id}": f"agent:{a.name}" for a in node.registry.all()}
+        for row in node.gov.ledger.usage(limits):
+            scale = 1e6 if row["unit"] == "usd" else 1
+            labels = [names.get(row["scope"], row["scope"]), row["unit"], row["period"]]
+            used.add_metric(labels, (row["committed"] + row["reserved"]) / scale)
+            left.add_metric(labels, row["left"] / scale)
+        yield used
+        yield left
+
+        pending = GaugeMetricFamily("charter_approvals_pending", "Approval requests waiting for the operator")
+        pending.add_metric([], len(node.gov.approvals.list("pending")))
+        yield pending
+
+        for extra in node.metric_sources:
+            yield from extra()
+
+
+class Metrics:
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_NodeCollector(node))
+        self.gateway_requests = Counter("charter_gateway_requests", "Gateway calls by backend that answered and outcome",
+                                        ["backend", "outcome"], registry=self.registry)
+        self.gateway_fallbacks = Counter("charter_gateway_fallbacks", "Rungs skipped or failed, by backend and why",
+                                         ["backend", "reason"], registry=self.registry)
+        self.gateway_latency = Histogram("charter_gateway_latency_seconds", "Gateway call latency by backend",
+                                         ["backend"], registry=self.registry,
+                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def call(self, backend: str | None, ok: bool, seconds: float, attempts: list[dict[str, Any]]) -> None:
+        b = backend or "none"
+        self.gateway_requests.labels(b, "ok" if ok else "error").inc()
+        self.gateway_latency.labels(b).observe(seconds)
+        for a in attempts:
+            if a.get("outcome") != "ok":
+                reason = str(a.get("reason", "")).split(":", 1)[0].split(" (", 1)[0][:40]
+                self.gateway_fallbacks.labels(str(a.get("ref", "")).split("/", 1)[0], reason).inc()
