@@ -645,6 +645,7 @@ async def test_act_publishes_a_decision_event(daemon: Daemon) -> None:
         evs = await events(daemon, "charter.decisions.alpha")
         assert [e["sender"] for e in evs] == ["operator", "operator"]
         allowed, denied = (e["payload"] for e in evs)
+        assert len(allowed.pop("request_id")) == 16  # the HTTP request that caused it, as in the access log
         assert allowed == {"agent_id": alpha.id, "action": "fs.write", "effect": "allow", "rule": "sandbox-files",
                            "tier": "T1", "reason": "files inside the agent's own sandbox"}
         assert (denied["action"], denied["effect"], denied["rule"]) == ("teleport.now", "deny", None)

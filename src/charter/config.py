@@ -145,6 +145,20 @@ class ModelsConfig(_Strict):
         return value
 
 
+class CapsuleSpecConfig(_Strict):
+    template: str  # a file in CHARTER_HOME/capsules/templates
+    capsule_type: str | None = None
+    scope: Literal["global", "agent"] = "global"
+
+
+class CapsulesConfig(_Strict):
+    enabled: bool = True  # the daemon rebuilds AI_ALIGNMENT and OPS_STATUS
+    interval: Seconds = Field(900.0, gt=0)  # on this schedule
+    debounce: Seconds = Field(2.0, ge=0)  # and this long after a relevant event
+    max_age: Seconds = Field(3600.0, gt=0)  # older than this is a contradiction
+    specs: dict[str, CapsuleSpecConfig] = Field(default_factory=dict)
+
+
 class RoleConfig(_Strict):
     description: str = ""
     publish: list[str] = Field(default_factory=list)
@@ -176,6 +190,8 @@ class Config(_Strict):
     budget: BudgetConfig = BudgetConfig()
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     models: ModelsConfig = ModelsConfig()
+    capsules: CapsulesConfig = CapsulesConfig()
+    truths: list[dict[str, Any]] = Field(default_factory=list)  # user truths: {id, claim, severity, fix, expect}
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

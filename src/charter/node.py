@@ -111,6 +111,12 @@ class Node:
         from charter.observability.metrics import Metrics
 
         self.metric_sources: list[Callable[[], Iterator[Any]]] = []  # other parts add collectors here
+        self.state_providers: dict[str, Callable[[], Any]] = {}  # other parts add their live state here
+        from charter.capsules.build import CapsuleBuilder
+        from charter.reflect.engine import Reflector
+
+        self.reflector = Reflector(home.db_path, self.config.truths)
+        self.capsules = CapsuleBuilder(self)
         self.metrics = Metrics(self)
         self.dashboard_token_hash: str | None = None
         self.started_at = now_ms()
@@ -127,6 +133,7 @@ class Node:
         await self.emit("charter.daemon.started", {"version": __version__, "pid": os.getpid()})
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self.gateway.start()
+        self.capsules.start()
 
     async def _sweep_forever(self, every: float = 1.0) -> None:
         """Expire undecided approvals into denials and return leaked budget reservations."""
@@ -144,6 +151,8 @@ class Node:
         for t in list(self._tasks):
             t.cancel()
         await self.gateway.close()
+        await self.capsules.close()
+        self.reflector.close()
         await self.log.close()
         self.registry.close()
         self.gov.close()

@@ -46,6 +46,11 @@ from charter.cli.models import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
 
+from charter.cli.capsules import capsule_app, reflect_command  # noqa: E402
+
+app.add_typer(capsule_app, name="capsule")
+app.command("reflect")(reflect_command)
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 CredsOpt = Annotated[Path, typer.Option("--creds", help="The agent's credentials file (from `charter enroll`).")]
 

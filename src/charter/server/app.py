@@ -320,6 +320,10 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
 
     add_governance_routes(app, node, caller, operator)
 
+    from charter.server.capsule_routes import add_capsule_routes
+
+    add_capsule_routes(app, node, caller, operator)
+
     from charter.server.gateway_routes import add_gateway_routes
 
     add_gateway_routes(app, node, node.gateway)

@@ -1,0 +1,1 @@
+"""Reflection: declared truths checked against the live system, each contradiction named."""

@@ -1,0 +1,61 @@
+"""Routes for capsules (agent and operator) and reflection (operator)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from charter.encoding import dumps
+from charter.errors import BAD_REQUEST, NOT_FOUND, CharterError
+from charter.identity.registry import AgentRecord
+from charter.node import Node, decode_json_body
+from charter.reflect.engine import reflect
+
+Auth = Callable[..., Awaitable[AgentRecord]]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+def add_capsule_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth) -> None:
+    @app.get("/v1/agent/capsule", tags=["capsules"], summary="The caller's own capsule, limited to its view")
+    async def my_capsule(request: Request) -> Response:
+        who = await caller(request)
+        if who.id == "operator":
+            raise CharterError(BAD_REQUEST, "the operator's capsule is AI_ALIGNMENT: GET /v1/admin/capsules/show", "agent")
+        return _json(await node.capsules.build("AGENT", who))
+
+    @app.get("/v1/admin/capsules", tags=["capsules"], summary="Capsules on disk and how old they are")
+    async def capsules(request: Request) -> Response:
+        await operator(request)
+        return _json({"capsules": node.capsules.list(), "specs": sorted(node.capsules.specs),
+                      "freshness": node.capsules.freshness()})
+
+    @app.post("/v1/admin/capsules/build", tags=["capsules"], summary="Build a capsule now: {name, agent?}")
+    async def build(request: Request) -> Response:
+        body = await request.body()
+        await operator(request, body)
+        data = decode_json_body(body) if body else {}
+        if not isinstance(data, dict):
+            raise CharterError(BAD_REQUEST, "body must be a JSON object", "body")
+        agent = node.registry.find(str(data["agent"])) if data.get("agent") else None
+        name = str(data.get("name") or ("AGENT" if agent else "AI_ALIGNMENT"))
+        return _json(await node.capsules.build(name, agent), 201)
+
+    @app.get("/v1/admin/capsules/show", tags=["capsules"], summary="The latest build of a capsule")
+    async def show(request: Request, name: str = "AI_ALIGNMENT", agent: str | None = None) -> Response:
+        await operator(request)
+        base = node.capsules.dir / "agents" / node.registry.find(agent).name if agent else node.capsules.dir
+        path = base / f"{name}_LATEST.md"
+        if not path.exists():
+            raise CharterError(NOT_FOUND, f"{name} has not been built yet; build it first", "name")
+        return _json({"path": str(path), "markdown": path.read_text(encoding="utf-8")})
+
+    @app.get("/v1/admin/reflect", tags=["reflect"], summary="Check every truth now; the standing contradictions")
+    async def reflection(request: Request) -> Response:
+        await operator(request)
+        return _json(await reflect(node))
