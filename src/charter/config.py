@@ -129,6 +129,7 @@ class ModelsConfig(_Strict):
     midstream: Literal["continue", "error"] = "continue"
     log_content: bool = False  # prompts and answers in call events (default: only their hashes)
     degraded_cache: int = Field(256, ge=0)  # recent answers kept for identical prompts
+    inject_capsule: dict[str, Literal["agent", "AI_ALIGNMENT", "OPS_STATUS"]] = Field(default_factory=dict)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     breaker: BreakerConfig = BreakerConfig()
     probe: ProbeConfig = ProbeConfig()

@@ -160,6 +160,16 @@ class CapsuleBuilder:
                                                          "content_sha256": meta["content_sha256"]})
         return {"capsule": key, "path": str(latest), "history": str(dated), "meta": meta, "markdown": text}
 
+    async def context(self, which: str, agent: AgentRecord, max_age: float = 60.0) -> str:
+        """A capsule's Markdown body for injection as a system message; rebuilt when older than `max_age`."""
+        name = "AGENT" if which == "agent" else which
+        key = f"AGENT:{agent.name}" if name == "AGENT" else name
+        latest = self._paths(self.specs[name], agent if name == "AGENT" else None)[0]
+        if time.time() - self.built_at.get(key, 0) > max_age or not latest.exists():
+            await self.build(name, agent if name == "AGENT" else None)
+        text = latest.read_text(encoding="utf-8")
+        return text.partition("\n---\n\n")[2] if text.startswith("---\n") else text
+
     def list(self) -> list[dict[str, Any]]:
         out = []
         for md in sorted(self.dir.rglob("*_LATEST.md")) if self.dir.exists() else []:

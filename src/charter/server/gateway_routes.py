@@ -148,6 +148,10 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             req = _chat_request(data, api)
         except ApiError as e:
             return _error_response(api, e)
+        which = router.config.inject_capsule.get(alias)
+        if which:  # whichever model answers gets the same context
+            context = await node.capsules.context(which, agent)
+            req.messages = [{"role": "system", "content": context}, *req.messages]
         stream = bool(data.get("stream", api == OLLAMA))
         gov = gateway.governor(agent, alias)
         started = time.perf_counter()
