@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -329,6 +328,17 @@ async def scenario(home: Home, work: Path) -> None:
          "`charter log verify` recomputes the hash chain and names the first bad entry if any.")
     charter(home, "tail", "-n", "12")
     charter(home, "log", "verify")
+
+    step(13, "Reflection and the capsule",
+         "Declared truths are checked against the live system; each contradiction is named with its "
+         "evidence and a fix (a critical one would make this exit 6). The AI_ALIGNMENT capsule is the "
+         "context any model can be handed: rebuilt from the live system, signed, with its history.")
+    charter(home, "reflect")
+    built = charter(home, "capsule", "build", "AI_ALIGNMENT")
+    latest = home.root / "capsules" / "AI_ALIGNMENT_LATEST.md"
+    if not latest.exists() or str(latest) not in built:
+        raise DemoFailure(f"the capsule was not written to {latest}")
+    console.print(f"[bold]Capsule:[/bold] {latest}")
     await alpha.close()
     await owl.close()
 
@@ -360,7 +370,8 @@ def main() -> int:
         for proc in (primary, backup):
             proc.stop()
         if code == 0:
-            shutil.rmtree(work, ignore_errors=True)
+            console.print(f"[dim]The demo's home is kept for you to look around (the daemon is stopped): {home.root}; "
+                          f"remove it with `rm -rf {work}`.[/dim]")
         else:
             console.print(f"[dim]Kept {work} for inspection; daemon log: {home.log_file}[/dim]")
     return code
