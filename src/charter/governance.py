@@ -11,7 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from charter.budget.ledger import BUDGET_EXCEEDED, Ledger, Limit
+from charter.budget.ledger import BUDGET_EXCEEDED, Limit
+from charter.budget.store import open_ledger
 from charter.budget.prices import MICRO, Price, PriceTable
 from charter.bus.envelope import Envelope
 from charter.bus.log.base import Receipt
@@ -44,9 +45,11 @@ class Governance:
             self.versions.remember(p)
         self.by_hash: dict[str, Policy] = self.versions.load_all(home.policies_dir)
         self.approvals = Approvals(home.db_path, synchronous=config.bus.synchronous)
-        self.ledger = Ledger(home.db_path, timezone=config.budget.timezone, synchronous=config.bus.synchronous)
+        self.ledger = open_ledger(home, config)  # SQLite, or PostgreSQL ([store] backend)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
+        # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
+        self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
     def close(self) -> None:
         self.versions.close()
@@ -189,15 +192,38 @@ class Governance:
         return out
 
     def limits_for(self, agent: AgentRecord) -> list[Limit]:
-        return self.ledger.applicable(agent.id, agent.role, self.default_limits(agent))
+        limits = self.ledger.applicable(agent.id, agent.role, self.default_limits(agent))
+        parent = self.parent_of(agent)
+        if parent is not None:  # delegation only narrows: a sub-agent cannot spend what its parent may not
+            seen = {(lim.scope, lim.unit, lim.period) for lim in limits}
+            limits += [lim for lim in self.limits_for(parent) if (lim.scope, lim.unit, lim.period) not in seen]
+        return limits
 
     def free_models(self, agent: AgentRecord) -> list[str]:
-        """Models that cost nothing and that this agent's policy lets it call: where to degrade to."""
-        out = []
+        """Models that cost nothing and that this agent's policy lets it call: where to degrade to.
+
+        Candidates are the gateway's own models (every `backend/model` in an alias chain) plus the
+        zero-priced entries of the price table; a local (`ollama`) backend is free unless priced.
+        """
+        kinds = {name: b.kind for name, b in self.config.models.backends.items()}
+        candidates: dict[str, None] = {}
+        for chain in self.config.models.aliases.values():
+            for ref in chain:
+                if "/" in ref:
+                    candidates[ref] = None
         for model in self.prices.free_models():
-            provider, _, name = model.partition("/")
-            if self.evaluate(agent, "model.call", {"provider": provider, "model": name}).allowed:
-                out.append(model)
+            candidates.setdefault(model, None)
+        out = []
+        for ref in candidates:
+            backend, _, name = ref.partition("/")
+            kind = kinds.get(backend, backend)
+            try:
+                free = self.prices.price(ref).cost_micros(1000, 1000) == 0
+            except KeyError:
+                free = kind == "ollama"
+            if free and self.evaluate(agent, "model.call", {"provider": kind, "backend": backend, "model": name,
+                                                            "paid": False}).allowed:
+                out.append(ref)
         return out
 
     async def reserve(self, agent: AgentRecord, req: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class CallGovernor:
         try:
             return prices.price(ref)
         except KeyError:
-            if kind == "ollama":
+            if kind in ("ollama", "degraded"):
                 return FREE
             raise Skip(f"no price for {ref}: add it under [prices] to allow paid calls") from None
 
@@ -64,6 +64,8 @@ class CallGovernor:
             why = "needs an approval" if d.effect == "approve" else d.reason
             self.refusals.append({"ref": ref, "policy": d.to_dict()})
             raise Skip(f"policy: {why}")
+        if kind == "degraded":  # Charter's own answer: the policy decides, there is nothing to reserve
+            return Admission(ref, FREE, None, 0, 0)
         max_out = req.max_tokens if req.max_tokens is not None else self.gw.config.default_max_tokens
         est_in = req.estimated_prompt_tokens()
         usd = price.cost_micros(est_in, max_out)
@@ -77,8 +79,9 @@ class CallGovernor:
         except CharterError as err:
             if err.code != BUDGET_EXCEEDED:
                 raise
-            self.refusals.append({"ref": ref, "budget": err.details or {}, "reason": err.message})
-            raise Skip(f"budget: {err.message}") from None
+            reason = err.message.replace(f"agent:{self.agent.id} ", f"{self.agent.name}'s ")
+            self.refusals.append({"ref": ref, "budget": err.details or {}, "reason": reason})
+            raise Skip(f"budget: {reason}") from None
         for alert in res.alerts:
             await self.gw.node.emit("charter.budget.alerts", {"agent_id": self.agent.id, "name": self.agent.name, **alert})
         return Admission(ref, price, res.id, usd, est_in)

@@ -144,6 +144,12 @@ class Router:
         for ref in chain:
             started = time.perf_counter()
             if ref == DEGRADED:
+                # still an answer to this agent (maybe a cached model answer): policy decides it too
+                try:
+                    await governor.release(await governor.admit(ref, DEGRADED, DEGRADED, req))
+                except Skip as why:
+                    attempts.append(Attempt(ref, "skipped", str(why)))
+                    continue
                 cached = self.cache.get(prompt_key(alias, req.messages)) if not delivered else None
                 text = degraded_answer([(a.ref, a.reason) for a in attempts], cached)
                 if delivered:

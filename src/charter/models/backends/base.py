@@ -56,6 +56,27 @@ def error_kind(status: int, message: str) -> str:
             504: "gateway_timeout", 404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
 
 
+async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, headers: dict[str, str],
+                      first_token: float, deadline: float) -> tuple[aiohttp.ClientResponse, float]:
+    """POST and wait for the response headers within the first-token timeout.
+
+    A server that accepts the request and then says nothing (hung, SIGSTOPped, or loading a cold
+    model: Ollama sends no header before the first token) must not hold the call forever. Returns
+    the response and what is left of the first-token timeout for the first line.
+    """
+    started = time.monotonic()
+    wait = min(first_token, deadline - started)
+    try:
+        # asyncio.timeout, not wait_for: the same TimeoutError, without a task (and a loop turn) per call
+        async with asyncio.timeout(max(wait, 0.0)):
+            resp = await session.post(url, data=data, headers=headers)
+    except TimeoutError:
+        if wait < first_token:
+            raise BackendError("total_timeout", "the answer took longer than the total timeout") from None
+        raise BackendError("first_token_timeout", f"no first token within {first_token:g}s") from None
+    return resp, max(first_token - (time.monotonic() - started), 0.001)
+
+
 async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: float,
                      deadline: float) -> AsyncIterator[bytes]:
     """Non-empty lines of a streaming body, with the first-token, idle and total timeouts applied."""
@@ -66,7 +87,8 @@ async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: 
         if left <= 0:
             raise BackendError("total_timeout", "the answer took longer than the total timeout")
         try:
-            line = await asyncio.wait_for(resp.content.readline(), min(wait, left))
+            async with asyncio.timeout(min(wait, left)):  # no task per line, unlike wait_for
+                line = await resp.content.readline()
         except TimeoutError:
             if left <= wait:
                 raise BackendError("total_timeout", "the answer took longer than the total timeout") from None

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from charter.models.backends.base import classify_client_error, error_body, new_session, options_for, read_lines
+from charter.models.backends.base import (
+    classify_client_error,
+    error_body,
+    new_session,
+    open_stream,
+    options_for,
+    read_lines,
+)
 from charter.models.types import BackendError, ChatRequest, Final
 
 
@@ -40,11 +47,13 @@ class OllamaBackend:
         deadline = time.monotonic() + total
         produced = 0
         try:
-            async with self.session.post(self.url + "/api/chat", data=orjson.dumps(body),
-                                         headers={"Content-Type": "application/json"}) as resp:
+            resp, first_left = await open_stream(self.session, self.url + "/api/chat", data=orjson.dumps(body),
+                                                 headers={"Content-Type": "application/json"},
+                                                 first_token=first_token, deadline=deadline)
+            async with resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                async for line in read_lines(resp, first_token=first_token, idle=idle, deadline=deadline):
+                async for line in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
                     try:
                         obj = orjson.loads(line)
                     except orjson.JSONDecodeError:

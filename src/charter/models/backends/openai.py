@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from charter.models.backends.base import classify_client_error, error_body, new_session, read_lines
+from charter.models.backends.base import classify_client_error, error_body, new_session, open_stream, read_lines
 from charter.models.types import BackendError, ChatRequest, Final
 
 
@@ -66,11 +66,12 @@ class OpenAIBackend:
         produced, finish = 0, "stop"
         usage: dict = {}
         try:
-            async with self.session.post(self.url + "/chat/completions", data=orjson.dumps(body),
-                                         headers=self._headers()) as resp:
+            resp, first_left = await open_stream(self.session, self.url + "/chat/completions", data=orjson.dumps(body),
+                                                 headers=self._headers(), first_token=first_token, deadline=deadline)
+            async with resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                async for line in read_lines(resp, first_token=first_token, idle=idle, deadline=deadline):
+                async for line in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
