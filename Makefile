@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install browser bwrap clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Charter needs Python 3.11 or newer")'
@@ -13,12 +13,43 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser bwrap
+
+# Debian's Chromium, which the dashboard's browser tests drive (Playwright uses it; it downloads no
+# browser). Installed when missing, as root with apt-get; never fatal: without apt or root the
+# browser tests skip with the reason (and fail under CI=true).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no apt-get here; install Chromium yourself to run the dashboard's browser tests"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "note: not root; run 'sudo apt-get install -y chromium' to run the dashboard's browser tests"; \
+	else \
+	  echo "installing Debian's chromium for the dashboard's browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; the dashboard's browser tests will skip"; \
+	fi
+
+# bubblewrap, the jail of `charter run` (Linux; its tests need it). Installed when missing, as root
+# with apt-get; never fatal: without apt or root those tests skip with the reason (and fail under
+# CI=true). Nothing to do on macOS, where `charter run` applies the limits without a jail.
+bwrap:
+	@if command -v bwrap >/dev/null 2>&1 || [ "$$(uname -s)" != Linux ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no apt-get here; install bubblewrap yourself for the jail of 'charter run' and its tests"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "note: not root; run 'sudo apt-get install -y bubblewrap' for the jail of 'charter run' and its tests"; \
+	else \
+	  echo "installing bubblewrap for the jail of 'charter run'"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	    || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null)) \
+	    || echo "warning: could not install bubblewrap; the jail tests will skip"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m charter.demo
 
-test: $(STAMP)
+test: $(STAMP) browser bwrap
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

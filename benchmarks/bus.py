@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bus.py            # the full run (well under a minute on 2 cores)
     .venv/bin/python benchmarks/bus.py --quick    # a smoke run: same shape, tiny counts
+    .venv/bin/python benchmarks/bus.py --backend nats [--quick]   # runs benchmarks/bus_nats.py
 
 Prints ONE JSON document on stdout; progress goes to stderr. The figures:
 
@@ -77,12 +78,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_home(root: Path) -> Home:
+# The daemon's own background work, which shares its event loop with the bus (see --no-daemon-background).
+BACKGROUND_SECTIONS = ("capsules", "archive")
+
+
+def disable_section(text: str, section: str) -> str:
+    """`enabled = false` in the TOML table `[section]`, which may or may not be in the file yet."""
+    header = re.search(rf"(?m)^\[{re.escape(section)}\][ \t]*(#.*)?$", text)
+    if header is None:
+        return text.rstrip("\n") + f"\n\n[{section}]\nenabled = false\n"
+    nxt = re.search(r"(?m)^\[", text[header.end():])
+    end = header.end() + (nxt.start() if nxt else len(text) - header.end())
+    body = text[header.end():end]
+    if re.search(r"(?m)^enabled\s*=", body):
+        body = re.sub(r"(?m)^enabled\s*=.*$", "enabled = false", body)
+    else:
+        body = "\nenabled = false" + body
+    return text[:header.end()] + body + text[end:]
+
+
+def make_home(root: Path, *, background: bool = True) -> Home:
     """A fresh CHARTER_HOME on a spare loopback port (as tests/conftest.py's make_home)."""
     home = Home(root)
     init_home(home)
     text = home.config_path.read_text()
     text = re.sub(r"(?m)^port = \d+", f"port = {free_port()}", text)
+    if not background:
+        for section in BACKGROUND_SECTIONS:
+            text = disable_section(text, section)
     home.config_path.write_text(text)
     return home
 
@@ -413,7 +436,7 @@ def summarise(runs: Sequence[Samples], rate: float) -> dict[str, Any]:
 
 
 async def bench_http(args: argparse.Namespace, workdir: Path, affinity: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    home = make_home(workdir / "daemon")
+    home = make_home(workdir / "daemon", background=not args.no_daemon_background)
     node = Node(home)  # enrol before the daemon starts; it loads the registry from the database
     await node.start()
     agents = await enrol_agents(node, args.agents)
@@ -558,6 +581,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="d alternates publish and health runs this many times (default 4)")
     p.add_argument("--budget", type=float, default=55.0,
                    help="soft wall-clock budget in seconds; optional extra rounds are skipped to keep it (default 55)")
+    p.add_argument("--no-daemon-background", action="store_true",
+                   help="turn the daemon's capsule builder and archivist off ([capsules] and [archive] enabled = "
+                        "false), to tell the bus's own latency from theirs")
     p.add_argument("--no-pin", action="store_true", help="do not pin the daemon and the load generator to cores")
     p.add_argument("--dir", default=None, help="where to make the temporary homes (default: the system temp dir)")
     args = p.parse_args(argv)
@@ -666,7 +692,8 @@ async def run(args: argparse.Namespace, affinity: dict[str, Any], workdir: Path)
         "client": {"http": f"aiohttp {aiohttp.__version__}", "event_loop": type(asyncio.get_running_loop()).__module__},
         "params": {k: getattr(args, k) for k in ("agents", "batch", "payload_bytes", "rounds", "msgs_per_round",
                                                  "http_rounds", "http_msgs", "concurrency", "rate",
-                                                 "latency_seconds", "latency_rounds", "budget")},
+                                                 "latency_seconds", "latency_rounds", "budget",
+                                                 "no_daemon_background")},
         "cpu_during": {
             "note": "per phase: how busy each core was; foreign_cores is CPU used by other processes on the "
                     "machine (in cores). Well above 0 means the phase shared its cores and its figures are noisy.",
@@ -681,7 +708,23 @@ async def run(args: argparse.Namespace, affinity: dict[str, Any], workdir: Path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    raw, backend = list(sys.argv[1:] if argv is None else argv), "sqlite"
+    for i, a in enumerate(raw):  # --backend nats: the log on JetStream, in benchmarks/bus_nats.py
+        if a.startswith("--backend="):
+            backend = a.split("=", 1)[1]
+            del raw[i]
+            break
+        if a == "--backend" and i + 1 < len(raw):
+            backend = raw[i + 1]
+            del raw[i:i + 2]
+            break
+    if backend == "nats":
+        import bus_nats
+
+        return bus_nats.main(raw)
+    if backend != "sqlite":
+        sys.exit("--backend is sqlite (this file's figures) or nats (benchmarks/bus_nats.py)")
+    args = parse_args(raw)
     affinity = plan_affinity(not args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="charter-bench-", dir=args.dir))
     try:

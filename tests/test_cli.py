@@ -126,7 +126,7 @@ def test_operator_flow_with_exit_codes(tmp_path: Path) -> None:
         listing = json.loads(charter(home, "agents", "list", "--json").stdout)
         assert [a["name"] for a in listing] == ["w1"]
         shown = json.loads(charter(home, "agents", "show", "w1", "--json").stdout)
-        assert shown["charter"]["scopes"]["publish"] == ["agents.w1.>", "tasks.results.>"]
+        assert shown["charter"]["scopes"]["publish"] == ["agents.w1.>", "tasks.results.>", "tasks.handoffs.*.w1"]
         assert charter(home, "agents", "show", "nobody").returncode == 4
         invites = json.loads(charter(home, "invites", "list", "--json").stdout)
         assert invites[0]["state"] == "used" and "token" not in invites[0]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from charter.bus.subjects import SubjectError, validate_pattern
 from charter.errors import ConfigError
+from charter.supervisor.specs import ServiceConfig, SupervisorConfig
 from charter.units import parse_duration, parse_size
 
 DEFAULT_PORT = 7477
@@ -38,11 +39,34 @@ class DaemonConfig(_Strict):
 
 
 class BusConfig(_Strict):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "nats"] = "sqlite"
     max_envelope_bytes: Bytes = Field(64 * 1024, ge=256, le=16 * 2**20)
     max_batch: int = Field(1000, ge=1, le=100_000)
     replay_window: Seconds = Field(120.0, gt=0, le=86400)
     synchronous: Literal["normal", "full"] = "normal"
+    # backend = "nats" (docs/nats.md): the log is a JetStream stream on these servers
+    nats_url: str | list[str] = "nats://127.0.0.1:4222"
+    stream: str = Field("CHARTER", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    nats_creds: str | None = None  # a .creds file (user JWT + seed) when the server runs in operator mode
+    nats_replicas: int = Field(1, ge=1, le=5)  # the stream's replicas in a JetStream cluster
+    nats_agents: bool = False  # Charter is the NATS operator: agents get user JWTs (`charter nats setup`)
+    nats_fanout: bool = True  # publish accepted entries on ev.<subject> (one daemon per log should)
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url(cls, value: str | list[str]) -> str | list[str]:
+        for url in [value] if isinstance(value, str) else value:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"{url!r} is not a NATS URL (nats://host:4222)")
+        return value
+
+
+class StoreConfig(_Strict):
+    """Where shared state lives. Today only the budget ledger moves (docs/deployment-two-machines.md)."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    postgres_dsn: str = "host=127.0.0.1 port=5432 dbname=charter"  # a libpq connection string
+    postgres_pool: int = Field(4, ge=1, le=64)  # connections per daemon
 
 
 class IdentityConfig(_Strict):
@@ -160,6 +184,32 @@ class CapsulesConfig(_Strict):
     specs: dict[str, CapsuleSpecConfig] = Field(default_factory=dict)
 
 
+class ArchiveConfig(_Strict):
+    """The archivist (docs/archive.md): segments, signed checkpoints, mirrors, retention."""
+
+    enabled: bool = True  # the daemon runs the archivist
+    segment_entries: int = Field(10_000, ge=1, le=10_000_000)  # seal a segment once this many entries wait
+    seal_interval: Seconds = Field(3600.0, gt=0)  # ...or once the oldest waiting entry is this old
+    checkpoint_interval: Seconds = Field(300.0, gt=0)  # a signed checkpoint of the live head, if it moved
+    compression_level: int = Field(3, ge=1, le=19)  # zstd
+    mirrors: list[str] = Field(default_factory=list)  # directories that get a verified copy
+    sync_interval: Seconds = Field(3600.0, gt=0)  # besides after every seal
+    sync_max_age: Seconds = Field(86400.0, gt=0)  # a last sync older than this is a contradiction
+    hot_retention: Seconds = Field(0.0, ge=0)  # remove archived+mirrored entries older than this; 0 keeps all
+    prune_unmirrored: bool = False  # allow retention with no mirror configured
+    verify_interval: Seconds = Field(86400.0, gt=0)  # a full `archive verify` in the background
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, value: list[str]) -> list[str]:
+        for i, path in enumerate(value):
+            if not path.strip():
+                raise ValueError(f"entry {i}: a mirror is a directory path, not an empty string")
+        if len(set(value)) != len(value):
+            raise ValueError("the same mirror is listed twice")
+        return value
+
+
 class RoleConfig(_Strict):
     description: str = ""
     publish: list[str] = Field(default_factory=list)
@@ -186,13 +236,17 @@ class RoleConfig(_Strict):
 class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     bus: BusConfig = BusConfig()
+    store: StoreConfig = StoreConfig()
     identity: IdentityConfig = IdentityConfig()
     policy: PolicyConfig = PolicyConfig()
     budget: BudgetConfig = BudgetConfig()
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     models: ModelsConfig = ModelsConfig()
     capsules: CapsulesConfig = CapsulesConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     truths: list[dict[str, Any]] = Field(default_factory=list)  # user truths: {id, claim, severity, fix, expect}
+    supervisor: SupervisorConfig = SupervisorConfig()
+    services: list[ServiceConfig] = Field(default_factory=list)  # [[services]]; more in CHARTER_HOME/services/*.toml
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

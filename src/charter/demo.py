@@ -329,7 +329,27 @@ async def scenario(home: Home, work: Path) -> None:
     charter(home, "tail", "-n", "12")
     charter(home, "log", "verify")
 
-    step(13, "Reflection and the capsule",
+    step(13, "The supervisor: a crash detected, a restart, traffic back",
+         "Charter runs a stand-in Ollama as a managed service, checks it with a deep generation probe every "
+         "interval, and restarts it with backoff when it dies. (Its own home, so nothing above is disturbed.)")
+    from charter.supervisor.demo_step import demo_supervisor
+
+    try:
+        await demo_supervisor(home, console)
+    except RuntimeError as exc:
+        raise DemoFailure(str(exc)) from None
+
+    step(14, "The archivist: sealed, proven, mirrored, tamper-evident",
+         "The log is sealed into signed, Merkle-rooted segments; any entry gets an inclusion proof that "
+         "verifies offline; a mirror verifies on its own; a tampered copy names its first bad entry.")
+    from charter.archive.demo_step import demo_archive
+
+    try:
+        await demo_archive(home, console)
+    except RuntimeError as exc:
+        raise DemoFailure(str(exc)) from None
+
+    step(15, "Reflection and the capsule",
          "Declared truths are checked against the live system; each contradiction is named with its "
          "evidence and a fix (a critical one would make this exit 6). The AI_ALIGNMENT capsule is the "
          "context any model can be handed: rebuilt from the live system, signed, with its history.")

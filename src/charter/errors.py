@@ -48,6 +48,7 @@ HTTP_STATUS: dict[str, int] = {
     CONFLICT: 409,
     QUOTA_EXCEEDED: 507,
     "budget_exceeded": 402,
+    "log_unavailable": 503,  # the log's server (NATS JetStream) did not answer; nothing was appended
     "approval_required": 202,
 }
 

@@ -34,3 +34,7 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if fmt == "json":  # uvicorn's own warnings and errors as JSON lines too (the daemon skips its log config)
+        server = logging.getLogger("uvicorn")
+        server.handlers[:] = [handler]
+        server.propagate = False

@@ -22,7 +22,7 @@ from charter.bus import envelope as envmod
 from charter.bus.envelope import Envelope
 from charter.bus.gate import Gate
 from charter.bus.log.base import ConsumerState, DuplicateIds, LogEntry, Receipt
-from charter.bus.log.sqlite import SqliteLog
+from charter.bus.log.backends import open_log
 from charter.bus.replay import ReplayGuard
 from charter.bus.subjects import SubjectError, matches, validate_pattern
 from charter.config import Config, Home
@@ -35,6 +35,7 @@ from charter.errors import (
     EXPIRED,
     MALFORMED,
     OUT_OF_SCOPE,
+    POLICY_DENIED,
     REPLAY,
     REVOKED,
     SUSPENDED,
@@ -63,6 +64,7 @@ AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 FAR_FUTURE = 2**62
 ENROLL_PURPOSE = "charter.enroll"
 ROTATE_PURPOSE = "charter.rotate-key"
+SUBAGENT_PURPOSE = "charter.enroll-subagent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,11 @@ def rotate_proof_message(agent_id: str, new_public_key: str, ts: int) -> bytes:
     return canonical({"purpose": ROTATE_PURPOSE, "agent_id": agent_id, "new_public_key": new_public_key, "ts": ts})
 
 
+def subagent_proof_message(parent_id: str, name: str, public_key: str, ts: int) -> bytes:
+    return canonical({"purpose": SUBAGENT_PURPOSE, "parent_id": parent_id, "name": name,
+                      "public_key": public_key, "ts": ts})
+
+
 class Node:
     def __init__(self, home: Home, config: Config | None = None) -> None:
         self.home = home
@@ -94,7 +101,7 @@ class Node:
         self.root_key = SigningKey.load_pem(home.root_key_path)
         sync = self.config.bus.synchronous
         self.registry = Registry(home.db_path, synchronous=sync)
-        self.log = SqliteLog(home.db_path, synchronous=sync)
+        self.log = open_log(self.config.bus, home.db_path)  # SqliteLog, or NatsLog (docs/nats.md)
         window = int(self.config.bus.replay_window * 1000)
         self.replay = ReplayGuard(window)
         self.request_guard = ReplayGuard(window)
@@ -104,6 +111,7 @@ class Node:
             charter={"scopes": {"publish": [">"], "subscribe": [">"], "read": [">"]}},
         )
         self.gov = Governance(home, self.config, self.emit, self.root_key.public)
+        self.gov.parent_of = lambda a: self.registry.get((a.charter.get("parent") or {}).get("agent_id", ""))
         self.gate = Gate(self.lookup, self.replay, self.gov)
         from charter.models.gateway import Gateway
 
@@ -117,6 +125,15 @@ class Node:
 
         self.reflector = Reflector(home.db_path, self.config.truths)
         self.capsules = CapsuleBuilder(self)
+        from charter.archive.archivist import Archivist
+
+        self.archivist = Archivist.for_node(self)  # seals, checkpoints, mirrors (docs/archive.md)
+        from charter.supervisor import Supervisor
+
+        self.supervisor = Supervisor.for_node(self)  # services checked, restarted, reported (docs/supervisor.md)
+        from charter.bus.nats_bridge import NatsBridge
+
+        self.nats = NatsBridge.for_node(self)  # agents on NATS with user JWTs, when enabled (docs/nats.md)
         self.metrics = Metrics(self)
         self.dashboard_token_hash: str | None = None
         self.started_at = now_ms()
@@ -134,6 +151,9 @@ class Node:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self.gateway.start()
         self.capsules.start()
+        self.archivist.start()
+        await self.supervisor.start()
+        await self.nats.start()
 
     async def _sweep_forever(self, every: float = 1.0) -> None:
         """Expire undecided approvals into denials and return leaked budget reservations."""
@@ -150,8 +170,11 @@ class Node:
             self._sweeper.cancel()
         for t in list(self._tasks):
             t.cancel()
+        await self.supervisor.close()
+        await self.nats.close()
         await self.gateway.close()
         await self.capsules.close()
+        await self.archivist.close()
         self.reflector.close()
         await self.log.close()
         self.registry.close()
@@ -379,6 +402,16 @@ class Node:
     def _issue(self, body: dict[str, Any]) -> dict[str, Any]:
         return sign_charter(self.root_key, body)
 
+    def _rebody(self, agent: AgentRecord, public_key: str) -> dict[str, Any]:
+        """A fresh charter body for renewal or rotation; a sub-agent's stays cut from its live parent."""
+        body = self._charter_body(agent.id, agent.name, public_key, agent.role, agent.charter["sandbox"]["path"])
+        parent = agent.charter.get("parent")
+        if parent:
+            from charter.identity.delegation import recut
+
+            body = recut(agent.charter, self.ensure_live(parent["agent_id"]).charter, body)
+        return body
+
     async def enroll(self, request: dict[str, Any]) -> dict[str, Any]:
         """Redeem an invite for a new agent whose key was made where it runs; returns its charter."""
         token = request.get("token")
@@ -433,6 +466,76 @@ class Node:
         })
         return {"charter": rec.charter, "root_public_key": self.root_key.public.b64, "api_key": api_key}
 
+    async def enroll_subagent(self, parent: AgentRecord, request: dict[str, Any]) -> dict[str, Any]:
+        """An agent enrols a sub-agent whose key was made where it runs; delegation only narrows.
+
+        The request is `{name, public_key, ts, proof[, scopes, max_tier, budget_usd_per_day,
+        budget_tokens_per_day, sandbox_quota_bytes, wait]}`; `proof` signs
+        `subagent_proof_message(parent id, ...)` with the new key. Every limit is checked against the
+        parent's charter (`charter.identity.delegation`) before the parent's policy is asked about the
+        action `agents.delegate` (an approval waits up to `wait` seconds).
+        """
+        from charter.identity import delegation
+
+        parent = self.ensure_live(parent.id)
+        name, pub, ts, proof = request.get("name"), request.get("public_key"), request.get("ts"), request.get("proof")
+        if not isinstance(name, str) or not AGENT_NAME.fullmatch(name):
+            raise CharterError(BAD_REQUEST, "name must be lowercase letters, digits and '-', starting with a letter", "name")
+        try:
+            public = PublicKey.from_b64(pub)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            raise CharterError(BAD_REQUEST, "public_key must be a base64url Ed25519 public key", "public_key") from None
+        if type(ts) is not int or abs(now_ms() - ts) > self.replay.window_ms:
+            raise CharterError(REPLAY, "enrolment request timestamp is outside the replay window", "ts")
+        from charter.encoding import b64d
+
+        try:
+            ok = isinstance(proof, str) and public.verify(b64d(proof), subagent_proof_message(parent.id, name, public.b64, ts))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CharterError(BAD_SIGNATURE, "proof of possession does not verify with public_key", "proof")
+        agent_id = f"agt_{ULID()}"
+        scopes = delegation.narrow_scopes(parent.charter, request.get("scopes"), name, agent_id)
+        max_tier = delegation.narrow_tier(parent.charter, request.get("max_tier"))
+        budget = delegation.narrow_budget(parent.charter, request)
+        quota = delegation.narrow_quota(parent.charter, request.get("sandbox_quota_bytes"))
+
+        attrs = {"name": name, "max_tier": max_tier, "scopes": scopes}
+        answer = await self.gov.act(parent, "agents.delegate", attrs)
+        wait = request.get("wait") or 0
+        if answer["effect"] == "approve" and isinstance(wait, int | float) and wait > 0:
+            answer = {**answer, **(await self.gov.wait_approval(parent, answer["approval_id"], min(float(wait), 300.0)))}
+        if answer["effect"] == "approve":
+            from charter.governance import APPROVAL_REQUIRED
+
+            raise CharterError(APPROVAL_REQUIRED, f"enrolling a sub-agent waits for the operator (approval "
+                               f"{answer['approval_id']}); ask again with wait", "approval").with_details(answer)
+        if answer["effect"] != "allow":
+            reason = answer.get("reason") or answer.get("decision", {}).get("reason", "denied by policy")
+            raise CharterError(POLICY_DENIED, f"agents.delegate: {reason}", "action").with_details(answer)
+
+        sandbox_root = self.home.sandboxes_dir / agent_id
+        body = self._charter_body(agent_id, name, public.b64, parent.role, str(sandbox_root))
+        body.update(scopes=scopes, max_tier=max_tier, budget=budget, policy=parent.charter["policy"],
+                    sandbox={"path": str(sandbox_root), "quota_bytes": quota},
+                    parent={"agent_id": parent.id, "name": parent.name},
+                    expires_at=min(body["expires_at"], parent.expires_at),
+                    renew_after=min(body["renew_after"], parent.expires_at))
+        charter = self._issue(body)
+        rec = AgentRecord(id=agent_id, name=name, role=parent.role, public_key=public, status=ACTIVE, reason="",
+                          charter=charter, issued_at=charter["issued_at"], expires_at=charter["expires_at"])
+        Sandbox(sandbox_root, quota).create()
+        rec = self.registry.insert(rec)
+        api_key = new_api_key()
+        self.registry.add_api_key(rec.id, token_hash(api_key))
+        await self.emit("charter.agents.enrolled", {
+            "agent_id": rec.id, "name": rec.name, "role": rec.role, "key_id": rec.public_key.key_id,
+            "public_key": rec.public_key.b64, "policy": rec.charter["policy"], "expires_at": rec.expires_at,
+            "parent": charter["parent"], "scopes": scopes, "max_tier": max_tier,
+        })
+        return {"charter": rec.charter, "root_public_key": self.root_key.public.b64, "api_key": api_key}
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def set_status(self, ref: str, action: str, reason: str = "") -> AgentRecord:
@@ -445,6 +548,11 @@ class Node:
         rec = self.registry.set_status(rec.id, target, reason)
         past = {"suspend": "suspended", "resume": "resumed", "revoke": "revoked"}[action]
         await self.emit(f"charter.agents.{past}", {"agent_id": rec.id, "name": rec.name, "reason": reason})
+        if action == "revoke":  # delegation ends with the delegator: every descendant goes too
+            for child in self.registry.children(rec.id):
+                if child.status != ST_REVOKED:
+                    await self.set_status(child.id, "revoke", f"parent {rec.name} was revoked"
+                                          + (f": {reason}" if reason else ""))
         return rec
 
     async def renew(self, agent: AgentRecord, *, by_operator: bool = False) -> dict[str, Any]:
@@ -459,7 +567,7 @@ class Node:
                 raise CharterError(CONFLICT, f"agent {agent.name} is revoked; revocation is final", "agent")
         else:
             agent = self.ensure_live(agent.id)
-        body = self._charter_body(agent.id, agent.name, agent.public_key.b64, agent.role, agent.charter["sandbox"]["path"])
+        body = self._rebody(agent, agent.public_key.b64)
         charter = self._issue(body)
         self.registry.replace_charter(agent, charter, agent.public_key)
         await self.emit("charter.agents.renewed", {"agent_id": agent.id, "name": agent.name,
@@ -486,7 +594,7 @@ class Node:
             ok = False
         if not ok:
             raise CharterError(BAD_SIGNATURE, "proof of possession of the new key does not verify", "proof")
-        body = self._charter_body(agent.id, agent.name, new.b64, agent.role, agent.charter["sandbox"]["path"])
+        body = self._rebody(agent, new.b64)
         charter = self._issue(body)
         old_id = agent.public_key.key_id
         self.registry.replace_charter(agent, charter, new)

@@ -11,10 +11,14 @@ Capabilities in use:
                   connections or processes). A networked backend reached by every instance has it too.
   sqlite_file     the storage is a Charter SQLite database at `Backend.path`, which tests may edit
                   with sqlite3 directly and check with `verify_file`.
+
+The `nats` backend runs against the JetStream server on 127.0.0.1:4222 (skipped when it is absent,
+failed under CI=true), on a stream of its own per test, deleted at teardown.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,8 @@ import pytest
 from charter.bus.log.base import EventLog
 from charter.bus.log.sqlite import SqliteLog
 
+from conftest import require_ci_service
+
 
 @dataclass
 class Backend:
@@ -32,6 +38,7 @@ class Backend:
     capabilities: frozenset[str] = frozenset()
     path: Path | None = None  # the storage's file, for backends that have one
     opened: list[EventLog] = field(default_factory=list)
+    cleanup: Callable[[], Awaitable[None]] | None = None  # removes the storage at teardown (networked backends)
 
     async def instance(self) -> EventLog:
         """Open another instance on the same storage; closed at teardown if still open."""
@@ -49,9 +56,33 @@ def sqlite_backend(tmp: Path) -> Backend:
     return Backend("sqlite", open_, frozenset({"shared_storage", "sqlite_file"}), path)
 
 
-# name -> factory. A new backend (NATS JetStream, ...) adds one entry here and nothing else.
+NATS_HOST, NATS_PORT = "127.0.0.1", 4222
+
+
+def nats_backend(tmp: Path) -> Backend:
+    require_ci_service("NATS", NATS_HOST, NATS_PORT)
+    from charter.bus.log.nats import NatsLog
+
+    stream = "T" + uuid.uuid4().hex[:20].upper()  # a stream (and consumer bucket) of its own per test
+    url = f"nats://{NATS_HOST}:{NATS_PORT}"
+
+    async def open_() -> EventLog:
+        return await NatsLog(url, stream, poll=0.2).open()
+
+    async def cleanup() -> None:
+        log = NatsLog(url, stream)
+        try:
+            await log.delete_storage()
+        finally:
+            await log.close()
+
+    return Backend("nats", open_, frozenset({"shared_storage"}), cleanup=cleanup)
+
+
+# name -> factory. A new backend adds one entry here and nothing else.
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "sqlite": sqlite_backend,
+    "nats": nats_backend,
 }
 
 
@@ -83,3 +114,5 @@ async def log(backend: Backend) -> AsyncIterator[EventLog]:
     yield first
     for instance in backend.opened:
         await _close_quietly(instance)
+    if backend.cleanup is not None:
+        await backend.cleanup()

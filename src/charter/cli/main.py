@@ -46,9 +46,30 @@ from charter.cli.models import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
 
+from charter.cli.services import run_command, service_app, services_app  # noqa: E402
+
+app.add_typer(services_app, name="services")
+app.add_typer(service_app, name="service")
+app.command("run")(run_command)
+
+from charter.cli.archive import add_log_commands, archive_app  # noqa: E402
+
+app.add_typer(archive_app, name="archive")
+add_log_commands(log_app)  # `charter log query`: archived and live events together
+
 from charter.cli.capsules import capsule_app, reflect_command  # noqa: E402
 
 app.add_typer(capsule_app, name="capsule")
+
+from charter.cli.nats import agents_nats_creds, migrate_command, nats_app  # noqa: E402
+
+app.add_typer(nats_app, name="nats")
+agents_app.command("nats-creds")(agents_nats_creds)
+app.command("migrate")(migrate_command)
+
+from charter.cli.mcp import mcp_app  # noqa: E402
+
+app.add_typer(mcp_app, name="mcp")
 app.command("reflect")(reflect_command)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
@@ -510,29 +531,49 @@ def log_verify(
     from charter.bus.log.sqlite import verify_file
 
     home = state.home
-    if not home.db_path.exists():
+    nats_bus = home.config_path.exists() and home.load_config().bus.backend == "nats"
+    if not nats_bus and not home.db_path.exists():
         fail(CharterError("not_initialised", f"no database at {home.db_path}; run `charter init`"), common.UNREACHABLE)
     root = None
     if signatures:
         from charter.identity.keys import SigningKey
 
         root = SigningKey.load_pem(home.root_key_path).public
+
+    def check(progress: Any = None) -> Any:
+        if nats_bus:  # the log is a JetStream stream (docs/nats.md): read it back from the server
+            import asyncio
+
+            from charter.bus.log.backends import open_log
+
+            async def remote() -> Any:
+                log = open_log(home.load_config().bus, home.db_path)
+                try:
+                    return await log.verify(progress, root=root)
+                finally:
+                    await log.close()
+
+            return asyncio.run(remote())
+        return verify_file(home.db_path, progress, root=root)
+
     if as_json:
-        report = verify_file(home.db_path, root=root)
+        report = check()
     else:
         with Progress(TextColumn("verifying the log"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("verify", total=None)
-            report = verify_file(home.db_path, lambda done, total: bar.update(task, completed=done, total=total), root=root)
+            report = check(lambda done, total: bar.update(task, completed=done, total=total))
     result = {
         "ok": report.ok, "checked": report.checked, "head_seq": report.head_seq, "head_hash": report.head_hash,
         "first_bad_seq": report.first_bad, "breaks": [{"seq": b.seq, "reason": b.reason} for b in report.breaks],
+        "horizon_seq": report.horizon_seq,  # entries up to here were archived and pruned (docs/archive.md)
     }
     if as_json:
         emit_json(result)
     elif report.ok:
         what = "chain and signatures" if root else "chain"
-        out.print(f"[green]ok[/green] {report.checked} entries ({what}); head seq {report.head_seq} hash {report.head_hash[:16]}…")
+        out.print(f"[green]ok[/green] {report.checked} entries ({what}); head seq {report.head_seq} hash {report.head_hash[:16]}…"
+                  + (f"; entries up to {report.horizon_seq} are in the archive" if report.horizon_seq else ""))
     else:
         err.print(f"[bold red]chain broken[/bold red] at seq {report.first_bad}: {report.breaks[0].reason}")
         for b in report.breaks[1:6]:

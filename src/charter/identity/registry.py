@@ -221,6 +221,31 @@ class Registry:
     def get(self, agent_id: str) -> AgentRecord | None:
         return self._agents.get(agent_id)
 
+    def insert(self, rec: AgentRecord) -> AgentRecord:
+        """Insert an agent enrolled without an invite (a sub-agent); names stay unique among live agents."""
+        db = self._db
+        now = now_ms()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT id FROM agents WHERE name = ? AND status != 'revoked'", (rec.name,)).fetchone():
+                raise CharterError(CONFLICT, f"an agent named {rec.name!r} is already enrolled", "name")
+            db.execute(
+                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason,
+                 canonical(rec.charter), rec.issued_at, rec.expires_at, None, now, now),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        rec.created_at = now
+        self._agents[rec.id] = rec
+        return rec
+
+    def children(self, agent_id: str) -> list[AgentRecord]:
+        """The sub-agents whose charter names `agent_id` as their parent."""
+        return [a for a in self.all() if (a.charter.get("parent") or {}).get("agent_id") == agent_id]
+
     def find(self, ref: str) -> AgentRecord:
         """An agent by id, or by name (the live one if a revoked agent shares the name)."""
         rec = self._agents.get(ref)

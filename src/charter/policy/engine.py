@@ -86,6 +86,10 @@ class PolicyEngine:
                     self._exact.setdefault(p, []).append(r)
         self._memo: dict[str, tuple[Rule, ...]] = {}
         self._uses_agent = any(r.program is not None and "agent" in r.program.variables() for r in rules)
+        # A condition over the action name alone (`action.matches("delete")`) is a constant for each
+        # name: it is evaluated once per name and remembered, like the candidates.
+        self._by_name = {r.order for r in rules if r.program is not None and _names_only_action(r.program)}
+        self._held: dict[tuple[int, str], bool | str] = {}
 
     def candidates(self, action: str) -> tuple[Rule, ...]:
         hit = self._memo.get(action)
@@ -107,14 +111,17 @@ class PolicyEngine:
         ctx = None
         for rule in self.candidates(action):
             if rule.program is not None:
-                if ctx is None:
-                    values = {k: v for k, v in attrs.items() if k not in RESERVED_NAMES}
-                    values["action"] = action
-                    if self._uses_agent:  # building the map costs more than most conditions
-                        values["agent"] = subject.as_cel()
-                    ctx = cel.Context(values)
                 try:
-                    held = rule.program.execute(ctx) is True
+                    if rule.order in self._by_name:
+                        held = self._held_for_name(rule, action)
+                    else:
+                        if ctx is None:
+                            values = {k: v for k, v in attrs.items() if k not in RESERVED_NAMES}
+                            values["action"] = action
+                            if self._uses_agent:  # building the map costs more than most conditions
+                                values["agent"] = subject.as_cel()
+                            ctx = cel.Context(values)
+                        held = rule.program.execute(ctx) is True
                 except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated
                     # Fail closed: a deny rule that cannot be evaluated denies, an approve rule asks
                     # for the approval; only an allow rule is skipped.
@@ -138,6 +145,21 @@ class PolicyEngine:
         path.append(f"no rule of policy {self.policy_id} v{self.version} matches action {action!r}")
         return Decision(DENY, None, None, f"no rule allows {action!r}: unknown actions are denied", tuple(path))
 
+    def _held_for_name(self, rule: Rule, action: str) -> bool:
+        key = (rule.order, action)
+        hit = self._held.get(key)
+        if hit is None:
+            try:
+                hit = rule.program.execute(cel.Context({"action": action})) is True
+            except Exception as exc:  # noqa: BLE001 - remembered, and raised afresh each time, as if evaluated
+                hit = str(exc)
+            if len(self._held) > 10_000:
+                self._held.clear()
+            self._held[key] = hit
+        if isinstance(hit, str):
+            raise RuntimeError(hit)
+        return hit
+
     def _apply(self, subject: Subject, rule: Rule, path: list[str]) -> Decision:
         if rule.effect == DENY:
             return Decision(DENY, rule.id, rule.tier, rule.reason or f"denied by rule {rule.id!r}", tuple(path))
@@ -149,6 +171,13 @@ class PolicyEngine:
             path.append("waits for an operator's approval" + (" (T3)" if rule.tier == "T3" else ""))
             return Decision(APPROVE, rule.id, rule.tier, rule.reason or f"rule {rule.id!r} requires approval", tuple(path))
         return Decision(ALLOW, rule.id, rule.tier, rule.reason or f"allowed by rule {rule.id!r}", tuple(path))
+
+
+def _names_only_action(program: Any) -> bool:
+    try:
+        return set(program.variables()) == {"action"}
+    except Exception:  # noqa: BLE001 - unknown: evaluate it every time
+        return False
 
 
 def _short(exc: Exception) -> str:

@@ -23,7 +23,7 @@ from charter.bus.envelope import Envelope, seal
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.identity.tokens import token_hash
-from charter.node import enroll_proof_message, rotate_proof_message
+from charter.node import enroll_proof_message, rotate_proof_message, subagent_proof_message
 from charter.sdk.credentials import Credentials
 from charter.sdk.http import SignedClient
 
@@ -95,6 +95,43 @@ class Agent:
         if target:
             creds.save(target)
         return cls(creds, target)
+
+    async def enroll_subagent(self, name: str, path: str | Path | None = None, *,
+                              scopes: dict[str, list[str]] | None = None, max_tier: str | None = None,
+                              budget_usd_per_day: float | None = None, budget_tokens_per_day: int | None = None,
+                              sandbox_quota_bytes: int | None = None, wait: float = 0.0) -> Agent:
+        """Enrol a sub-agent: a new key made here, a charter cut from this agent's own.
+
+        `scopes` (`{"publish": [...], "subscribe": [...], "read": [...]}`, `{name}` is the child's
+        name) and the other limits default to this agent's and may only narrow them: asking for more
+        is refused with `out_of_scope`, naming the pattern or limit. Revoking this agent revokes the
+        sub-agent. Enrolling is the policy action `agents.delegate`; `wait` holds for an approval.
+        """
+        key = SigningKey.generate()
+        ts = _now_ms()
+        request: dict[str, Any] = {
+            "name": name, "public_key": key.public.b64, "ts": ts,
+            "proof": key.sign_b64(subagent_proof_message(self.id, name, key.public.b64, ts)),
+        }
+        for field, value in (("scopes", scopes), ("max_tier", max_tier), ("budget_usd_per_day", budget_usd_per_day),
+                             ("budget_tokens_per_day", budget_tokens_per_day),
+                             ("sandbox_quota_bytes", sandbox_quota_bytes)):
+            if value is not None:
+                request[field] = value
+        if wait:
+            request["wait"] = wait
+        answer = await self.http.call("POST", "/v1/agent/subagents", json=request)
+        charter = answer["charter"]
+        creds = Credentials(charter["agent_id"], charter["name"], self.http.base_url, key, charter,
+                            answer["root_public_key"], answer.get("api_key"))
+        creds.check()
+        target = Path(path) if path else None
+        if target:
+            creds.save(target)
+        return Agent(creds, target)
+
+    async def subagents(self) -> list[dict[str, Any]]:
+        return (await self.http.call("GET", "/v1/agent/subagents"))["subagents"]
 
     async def close(self) -> None:
         await self.http.close()

@@ -324,9 +324,33 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
 
     add_capsule_routes(app, node, caller, operator)
 
+    from charter.server.supervisor_routes import add_supervisor_routes
+
+    add_supervisor_routes(app, node, caller, operator)  # /v1/admin/services (docs/supervisor.md)
+
+    from charter.server.archive_routes import add_archive_routes
+
+    add_archive_routes(app, node, operator)
+
     from charter.server.gateway_routes import add_gateway_routes
 
     add_gateway_routes(app, node, node.gateway)
+
+    from charter.server.dashboard_routes import add_dashboard_routes
+
+    add_dashboard_routes(app, node)  # /dashboard (static, no build) and the guard on its token's calls
+
+    from charter.server.delegation_routes import add_delegation_routes
+
+    add_delegation_routes(app, node, caller)
+
+    from charter.server.nats_routes import add_nats_routes
+
+    add_nats_routes(app, node, caller)  # /v1/agent/nats: the caller's NATS user JWT (docs/nats.md)
+
+    from charter.mcp.http import add_mcp_routes
+
+    add_mcp_routes(app, node, caller)  # /mcp (streamable HTTP, bearer key) and the policy routes MCP uses
 
     @app.post("/v1/agent/api-key", tags=["agent"], summary="Replace the caller's bearer key for OpenAI/Ollama clients")
     async def api_key(request: Request) -> Response:

@@ -57,9 +57,9 @@ def read_daemon_file(home: Home) -> dict[str, Any] | None:
 class _Server(uvicorn.Server):
     """uvicorn's server, telling the world where it listens once the socket is bound."""
 
-    def __init__(self, config: uvicorn.Config, home: Home, url: str) -> None:
+    def __init__(self, config: uvicorn.Config, home: Home, url: str, log_format: str = "text") -> None:
         super().__init__(config)
-        self.home, self.url = home, url
+        self.home, self.url, self.log_format = home, url, log_format
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -67,7 +67,11 @@ class _Server(uvicorn.Server):
             info = {"pid": os.getpid(), "url": self.url, "started_at": time.time()}
             write_private(self.home.daemon_file, json.dumps(info).encode())
             token = dashboard_token(self.home)
-            if token:
+            if token and self.log_format == "json":  # every line a JSON object, this one too
+                logging.getLogger("charter.daemon").info(
+                    "Charter is up at %s (pid %d)", self.url, os.getpid(),
+                    extra={"fields": {"url": self.url, "pid": os.getpid(), "dashboard": f"{self.url}/dashboard#token={token}"}})
+            elif token:
                 print(f"Charter is up at {self.url} (pid {os.getpid()}).", flush=True)
                 print(f"Dashboard: {self.url}/dashboard#token={token}", flush=True)
 
@@ -87,11 +91,12 @@ def serve(home: Home, host: str | None = None, port: int | None = None) -> int:
     host = host or config.daemon.host
     port = port if port is not None else config.daemon.port
     url = f"http://{host}:{port}"
+    json_logs = {"log_config": None} if config.daemon.log_format == "json" else {}  # then setup_logging formats uvicorn's too
     uv = uvicorn.Config(
         create_app(node), host=host, port=port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
+        access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3, **json_logs,
     )
-    server = _Server(uv, home, url)
+    server = _Server(uv, home, url, config.daemon.log_format)
     try:
         server.run()
     finally:

@@ -330,7 +330,11 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
 
     @app.get("/v1/admin/models", tags=["operator"], summary="Backends, circuits and probes")
     async def models_health(request: Request) -> Response:
-        who = authenticate(request, b"") if (request.headers.get("authorization") or "").startswith("Charter ") else None
+        header = request.headers.get("authorization") or ""
+        if node.is_dashboard_token(header):
+            who: AgentRecord | None = node.operator  # the dashboard's login token carries operator rights
+        else:
+            who = authenticate(request, b"") if header.startswith("Charter ") else None
         if who is None or who.id != "operator":
             raise CharterError("unauthorized", "this call is for the operator (root key) only", "authorization")
         return Response(orjson.dumps({"backends": router.health(), "aliases": router.config.aliases}),

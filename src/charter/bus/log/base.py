@@ -70,6 +70,7 @@ class VerifyReport:
     checked: int = 0
     head_seq: int = 0
     head_hash: str = ""
+    horizon_seq: int = 0  # entries up to here were archived and removed (retention); the chain starts after
     breaks: list[ChainBreak] = field(default_factory=list)
 
     @property

@@ -30,6 +30,7 @@ from charter.bus.log.base import (
 )
 from charter.bus.log.witness import KeyWitness
 from charter.db import connect
+from charter.encoding import loads
 from charter.identity.keys import PublicKey
 from charter.errors import NOT_FOUND, CharterError
 
@@ -248,6 +249,24 @@ class SqliteLog:
         self.close_sync()
 
 
+def read_horizon(db: sqlite3.Connection) -> tuple[int, bytes, dict | None] | None:
+    """The retention boundary, if the archivist removed archived entries from this database.
+
+    (seq, hash of entry seq, the signature witness's knowledge at seq); the `log_horizon` table
+    belongs to `charter.archive.retention`. None if nothing was ever removed.
+    """
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log_horizon'").fetchone() is None:
+        return None
+    row = db.execute("SELECT seq, hash, witness FROM log_horizon WHERE id = 1").fetchone()
+    if row is None:
+        return None
+    try:
+        snapshot = loads(row[2]) if row[2] else None
+    except ValueError:
+        snapshot = None  # unreadable: signatures before the boundary's enrolments then fail loudly
+    return row[0], bytes(row[1]), snapshot if isinstance(snapshot, dict) else None
+
+
 def verify_file(path: Path, progress: Callable[[int, int], None] | None = None,
                 root: PublicKey | None = None) -> VerifyReport:
     """Recompute the whole chain from a database file, read-only. Names every break it finds.
@@ -260,6 +279,12 @@ def verify_file(path: Path, progress: Callable[[int, int], None] | None = None,
         report = VerifyReport()
         total = db.execute("SELECT COUNT(*) FROM log").fetchone()[0]
         expected_seq, prev = 1, GENESIS
+        horizon = read_horizon(db)
+        if horizon is not None:  # older entries were archived and removed: the chain continues from there
+            report.horizon_seq, prev = horizon[0], horizon[1]
+            expected_seq = horizon[0] + 1
+            if witness is not None and horizon[2]:
+                witness.restore(horizon[2])
         cur = db.execute(f"SELECT {_COLS} FROM log ORDER BY seq")
         while batch := cur.fetchmany(2000):
             for row in batch:

@@ -19,6 +19,19 @@ class KeyWitness:
         self.keys: dict[str, PublicKey] = {}
         self.status: dict[str, str] = {}
 
+    def snapshot(self) -> dict[str, dict[str, str]]:
+        """What the witness knows, as JSON-able data: kept where older entries were pruned."""
+        return {"keys": {a: k.b64 for a, k in self.keys.items()}, "status": dict(self.status)}
+
+    def restore(self, snapshot: dict[str, dict[str, str]]) -> None:
+        """Continue from a snapshot (the log's retention boundary) instead of the first entry."""
+        for agent, key in (snapshot.get("keys") or {}).items():
+            try:
+                self.keys[agent] = PublicKey.from_b64(key)
+            except (ValueError, TypeError):
+                continue
+        self.status.update({a: s for a, s in (snapshot.get("status") or {}).items() if isinstance(s, str)})
+
     def check(self, env: Envelope) -> str | None:
         """None if `env` is signed by the key its sender held at that point; else why not."""
         if env.sender == OPERATOR_ID:

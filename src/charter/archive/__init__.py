@@ -1,0 +1,1 @@
+"""The archivist: sealed segments, signed checkpoints, proofs, mirrors and retention (docs/archive.md)."""

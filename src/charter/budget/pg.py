@@ -1,0 +1,370 @@
+"""The budget ledger on PostgreSQL (`[store] backend = "postgres"`): exact across daemons and machines.
+
+Same tables, same semantics and the same methods as the SQLite `Ledger`. Exactness comes from row
+locks instead of a file lock: a reservation locks the usage row of every limit it touches with
+`SELECT ... FOR UPDATE` (rows created first with `INSERT ... ON CONFLICT DO NOTHING`), always in the
+same sorted order, checks every limit against `committed + reserved`, and takes its share of all of
+them or none, in one transaction. Another reservation on any of those rows waits for the COMMIT and
+then reads the new totals, so N daemons can never spend N times the cap. Settling locks its
+reservation row first, then the usage rows in the same order; sweeping skips reservations that
+another transaction holds. A deadlock or serialization failure (which that ordering should never
+produce) is retried.
+
+Connections: a small pool per process (default 4), shared by threads.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+from ulid import ULID
+
+from charter.budget.ledger import BUDGET_EXCEEDED, UNITS, Limit, Reservation, Settlement, _charges, describe
+from charter.budget.periods import PERIODS, period_key
+from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_limits (
+    scope      TEXT NOT NULL,
+    unit       TEXT NOT NULL CHECK (unit IN ('usd', 'tokens')),
+    period     TEXT NOT NULL CHECK (period IN ('hour', 'day', 'month', 'total')),
+    hard       BIGINT NOT NULL CHECK (hard >= 0),
+    soft_ratio DOUBLE PRECISION NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (scope, unit, period)
+);
+CREATE TABLE IF NOT EXISTS budget_usage (
+    scope      TEXT NOT NULL,
+    unit       TEXT NOT NULL,
+    period     TEXT NOT NULL,
+    period_key TEXT NOT NULL,
+    reserved   BIGINT NOT NULL DEFAULT 0,
+    committed  BIGINT NOT NULL DEFAULT 0,
+    alerted    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, unit, period, period_key)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id          TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    usd         BIGINT NOT NULL,
+    tokens      BIGINT NOT NULL,
+    charges     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('held', 'settled', 'released', 'expired')),
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    closed_at   BIGINT,
+    n           BIGSERIAL
+);
+CREATE INDEX IF NOT EXISTS reservations_held ON reservations (state, expires_at);
+CREATE TABLE IF NOT EXISTS spend (
+    id             BIGSERIAL PRIMARY KEY,
+    reservation_id TEXT NOT NULL,
+    agent_id       TEXT NOT NULL,
+    role           TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    usd            BIGINT NOT NULL,
+    tokens_in      BIGINT NOT NULL,
+    tokens_out     BIGINT NOT NULL,
+    ts             BIGINT NOT NULL,
+    day            TEXT NOT NULL,
+    overrun        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts);
+"""
+_KEY = "scope = %s AND unit = %s AND period = %s AND period_key = %s"
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PgLedger:
+    """`Ledger` on PostgreSQL. `dsn` is a libpq connection string (`host=... dbname=... user=...`)."""
+
+    def __init__(self, dsn: str, *, timezone: str = "UTC", pool_size: int = 4, create: bool = True) -> None:
+        import psycopg
+
+        self.dsn = dsn
+        self.tz = ZoneInfo(timezone)
+        self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+        self._size = pool_size
+        self._psycopg = psycopg
+        if create:
+            with self._conn() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(7477001)")  # two daemons creating the schema at once
+                conn.execute(SCHEMA)
+
+    def close(self) -> None:
+        for conn in self._all:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._all.clear()
+
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                grow = len(self._all) < self._size
+                if grow:
+                    conn = self._psycopg.connect(self.dsn, autocommit=True)
+                    self._all.append(conn)
+            if not grow:
+                conn = self._pool.get()
+        try:
+            yield conn
+        finally:
+            if conn.closed:
+                with self._lock:
+                    self._all.remove(conn)
+            else:
+                self._pool.put(conn)
+
+    def _run(self, body: Callable[[Any], T]) -> T:
+        """`body(conn)` in one transaction; retried on a deadlock or a serialization failure."""
+        errors = self._psycopg.errors
+        for attempt in range(20):
+            with self._conn() as conn:
+                try:
+                    with conn.transaction():
+                        return body(conn)
+                except (errors.DeadlockDetected, errors.SerializationFailure):
+                    time.sleep(0.001 * (attempt + 1))
+        raise CharterError(CONFLICT, "the ledger stayed contended; try again", "budget")
+
+    @contextmanager
+    def _txn(self) -> Iterator[Any]:
+        """A transaction on a pooled connection (tests use it to die inside one)."""
+        with self._conn() as conn, conn.transaction():
+            yield conn
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def set_limit(self, limit: Limit) -> None:
+        if limit.unit not in UNITS or limit.period not in PERIODS:
+            raise CharterError(BAD_REQUEST, f"unit must be usd or tokens and period one of {', '.join(PERIODS)}", "budget")
+        if not (limit.scope == "global" or limit.scope.startswith(("role:", "agent:"))):
+            raise CharterError(BAD_REQUEST, "scope is global, role:NAME or agent:ID", "scope")
+        if limit.hard < 0 or not 0 < limit.soft_ratio <= 1:
+            raise CharterError(BAD_REQUEST, "the limit must be >= 0 and soft_ratio in (0, 1]", "limit")
+        self._run(lambda c: c.execute(
+            "INSERT INTO budget_limits VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (scope, unit, period) DO UPDATE SET "
+            "hard = excluded.hard, soft_ratio = excluded.soft_ratio, updated_at = excluded.updated_at",
+            (limit.scope, limit.unit, limit.period, limit.hard, limit.soft_ratio, _now())))
+
+    def remove_limit(self, scope: str, unit: str, period: str) -> None:
+        def body(c: Any) -> None:
+            cur = c.execute("DELETE FROM budget_limits WHERE scope = %s AND unit = %s AND period = %s",
+                            (scope, unit, period))
+            if cur.rowcount == 0:
+                raise CharterError(NOT_FOUND, f"no {period} {unit} limit for {scope}", "budget")
+        self._run(body)
+
+    def limits(self, scopes: list[str] | None = None) -> list[Limit]:
+        with self._conn() as c:
+            if scopes is None:
+                rows = c.execute("SELECT scope, unit, period, hard, soft_ratio FROM budget_limits").fetchall()
+            else:
+                rows = c.execute("SELECT scope, unit, period, hard, soft_ratio FROM budget_limits "
+                                 "WHERE scope = ANY(%s)", (scopes,)).fetchall()
+        return [Limit(*r) for r in rows]
+
+    def applicable(self, agent_id: str, role: str, defaults: list[Limit]) -> list[Limit]:
+        found = self.limits(["global", f"role:{role}", f"agent:{agent_id}"])
+        explicit = {(lim.unit, lim.period) for lim in found if lim.scope == f"agent:{agent_id}"}
+        return found + [d for d in defaults if (d.unit, d.period) not in explicit]
+
+    # -- locking ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _lock_rows(c: Any, keys: list[tuple[str, str, str, str]]) -> dict[tuple[str, str, str, str], tuple[int, int, int]]:
+        """Create (if missing) and lock usage rows in one global order; their (reserved, committed, alerted)."""
+        out = {}
+        for key in sorted(set(keys)):
+            c.execute("INSERT INTO budget_usage VALUES (%s,%s,%s,%s,0,0,0) ON CONFLICT DO NOTHING", key)
+            out[key] = c.execute(f"SELECT reserved, committed, alerted FROM budget_usage WHERE {_KEY} FOR UPDATE",
+                                 key).fetchone()
+        return out
+
+    def _sweep(self, c: Any, now: int) -> int:
+        rows = c.execute("SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= %s "
+                         "ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED", (now,)).fetchall()
+        if not rows:
+            return 0
+        charges = [(rid, _charges(text)) for rid, text in rows]
+        self._lock_rows(c, [(s, u, p, k) for _, ch in charges for s, u, p, k, _, _ in ch])
+        for rid, ch in charges:
+            for scope, unit, period, key, amount, _ in ch:
+                c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
+                          (amount, scope, unit, period, key))
+            c.execute("UPDATE reservations SET state = 'expired', closed_at = %s WHERE id = %s", (now, rid))
+        return len(rows)
+
+    def sweep(self, now: int | None = None) -> int:
+        return self._run(lambda c: self._sweep(c, _now() if now is None else now))
+
+    # -- reserve, settle, release ----------------------------------------------------------
+
+    def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
+                model: str = "", action: str = "model.call", ttl_s: float = 600.0,
+                now: int | None = None) -> Reservation:
+        if usd < 0 or tokens < 0:
+            raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        now = _now() if now is None else now
+        self.sweep(now)  # expired reservations go back first (their own transaction, their own locks)
+        rid = f"res_{ULID()}"
+        keyed = [(lim, (lim.scope, lim.unit, lim.period, period_key(lim.period, now, self.tz))) for lim in limits]
+
+        def body(c: Any) -> Reservation:
+            rows = self._lock_rows(c, [k for lim, k in keyed if (usd if lim.unit == "usd" else tokens)])
+            alerts: list[dict[str, Any]] = []
+            charges = []
+            taken: dict[tuple[str, str, str, str], int] = {}
+            for lim, key in keyed:  # in the caller's order, as the SQLite ledger: the first that fails is named
+                amount = usd if lim.unit == "usd" else tokens
+                reserved, committed, alerted = rows.get(key, (0, 0, 0))
+                reserved += taken.get(key, 0)
+                left = lim.hard - reserved - committed
+                if amount and amount > left:
+                    raise CharterError(
+                        BUDGET_EXCEEDED,
+                        f"{lim.scope} {lim.period} {lim.unit} budget: asked {describe(lim.unit, amount)}, "
+                        f"{describe(lim.unit, max(left, 0))} left of {describe(lim.unit, lim.hard)}",
+                        f"budget:{lim.scope}:{lim.unit}:{lim.period}",
+                    ).with_details({"scope": lim.scope, "unit": lim.unit, "period": lim.period,
+                                    "period_key": key[3], "asked": amount, "left": max(left, 0),
+                                    "hard": lim.hard, "committed": committed, "reserved": reserved})
+                if amount == 0:
+                    continue
+                c.execute(f"UPDATE budget_usage SET reserved = reserved + %s WHERE {_KEY}", (amount, *key))
+                taken[key] = taken.get(key, 0) + amount
+                charges.append((*key, amount, lim.hard))
+                used = reserved + committed + amount
+                if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
+                    c.execute(f"UPDATE budget_usage SET alerted = 1 WHERE {_KEY}", key)
+                    rows[key] = (rows[key][0], rows[key][1], 1)
+                    alerts.append({"scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key[3],
+                                   "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
+            expires = now + int(ttl_s * 1000)
+            c.execute("INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
+                      "created_at, expires_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'held',%s,%s)",
+                      (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires))
+            return Reservation(rid, usd, tokens, expires, tuple(alerts))
+
+        return self._run(body)
+
+    def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
+               agent_id: str | None = None, now: int | None = None) -> Settlement:
+        if usd < 0 or tokens_in < 0 or tokens_out < 0:
+            raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        now = _now() if now is None else now
+        tokens = tokens_in + tokens_out
+
+        def body(c: Any) -> Settlement:
+            row = c.execute("SELECT agent_id, role, model, usd, tokens, charges, state FROM reservations "
+                            "WHERE id = %s FOR UPDATE", (reservation_id,)).fetchone()
+            if row is None or (agent_id is not None and row[0] != agent_id):
+                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+            owner, role, model, r_usd, r_tokens, charges_text, state = row
+            if state in ("settled", "released"):
+                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
+            overrun = usd > r_usd or tokens > r_tokens
+            c_usd, c_tokens = min(usd, r_usd), min(tokens, r_tokens)
+            late = state == "expired"
+            charges = _charges(charges_text)
+            locked = self._lock_rows(c, [(s, u, p, k) for s, u, p, k, _, _ in charges])
+            for scope, unit, period, key, amount, hard_then in charges:
+                actual = c_usd if unit == "usd" else c_tokens
+                k = (scope, unit, period, key)
+                if late:  # swept already: commit only what still fits, so the cap still holds
+                    reserved, committed, _ = locked[k]
+                    hard = c.execute("SELECT hard FROM budget_limits WHERE scope = %s AND unit = %s AND period = %s",
+                                     (scope, unit, period)).fetchone()
+                    cap = hard[0] if hard else hard_then
+                    room = (cap - reserved - committed) if cap is not None else actual
+                    if actual > room:
+                        overrun, actual = True, max(room, 0)
+                    c.execute(f"UPDATE budget_usage SET committed = committed + %s WHERE {_KEY}", (actual, *k))
+                    locked[k] = (reserved, committed + actual, locked[k][2])
+                else:
+                    c.execute(f"UPDATE budget_usage SET reserved = reserved - %s, committed = committed + %s "
+                              f"WHERE {_KEY}", (amount, actual, *k))
+            c.execute("UPDATE reservations SET state = 'settled', closed_at = %s WHERE id = %s", (now, reservation_id))
+            c.execute("INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, "
+                      "overrun) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                      (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
+                       period_key("day", now, self.tz), int(overrun)))
+            return Settlement(reservation_id, usd, tokens, overrun, late)
+
+        return self._run(body)
+
+    def release(self, reservation_id: str, *, agent_id: str | None = None, now: int | None = None) -> None:
+        now = _now() if now is None else now
+
+        def body(c: Any) -> None:
+            row = c.execute("SELECT agent_id, charges, state FROM reservations WHERE id = %s FOR UPDATE",
+                            (reservation_id,)).fetchone()
+            if row is None or (agent_id is not None and row[0] != agent_id):
+                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+            if row[2] != "held":
+                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
+            charges = _charges(row[1])
+            self._lock_rows(c, [(s, u, p, k) for s, u, p, k, _, _ in charges])
+            for scope, unit, period, key, amount, _ in charges:
+                c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
+                          (amount, scope, unit, period, key))
+            c.execute("UPDATE reservations SET state = 'released', closed_at = %s WHERE id = %s", (now, reservation_id))
+
+        self._run(body)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reservation_model(self, reservation_id: str) -> str:
+        with self._conn() as c:
+            row = c.execute("SELECT model FROM reservations WHERE id = %s", (reservation_id,)).fetchone()
+        return row[0] if row else ""
+
+    def usage(self, limits: list[Limit], now: int | None = None) -> list[dict[str, Any]]:
+        now = _now() if now is None else now
+        out = []
+        with self._conn() as c:
+            for lim in limits:
+                key = period_key(lim.period, now, self.tz)
+                row = c.execute(f"SELECT reserved, committed FROM budget_usage WHERE {_KEY}",
+                                (lim.scope, lim.unit, lim.period, key)).fetchone()
+                reserved, committed = row if row else (0, 0)
+                out.append({**lim.to_dict(), "period_key": key, "reserved": reserved, "committed": committed,
+                            "left": max(lim.hard - reserved - committed, 0)})
+        return out
+
+    def history(self, *, by: str = "day", since_ms: int = 0, agent_id: str | None = None) -> list[dict[str, Any]]:
+        column = {"day": "day", "agent": "agent_id", "model": "model", "role": "role"}.get(by)
+        if column is None:
+            raise CharterError(BAD_REQUEST, "group by day, agent, model or role", "by")
+        where, args = "ts >= %s", [since_ms]
+        if agent_id:
+            where += " AND agent_id = %s"
+            args.append(agent_id)
+        with self._conn() as c:
+            rows = c.execute(
+                f"SELECT {column}, COUNT(*), SUM(usd), SUM(tokens_in), SUM(tokens_out), SUM(overrun) FROM spend "
+                f"WHERE {where} GROUP BY {column} ORDER BY {column}", args).fetchall()
+        return [{by: r[0], "calls": r[1], "usd_micros": int(r[2] or 0), "tokens_in": int(r[3] or 0),
+                 "tokens_out": int(r[4] or 0), "overruns": int(r[5] or 0)} for r in rows]

@@ -1,0 +1,19 @@
+"""Which budget ledger a Node opens: `[store] backend` in charter.toml."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from charter.config import Config, Home
+
+
+def open_ledger(home: Home, config: Config) -> Any:
+    """`Ledger` on charter.db (one machine), or `PgLedger` on PostgreSQL (several daemons, one budget)."""
+    if config.store.backend == "postgres":
+        from charter.budget.pg import PgLedger
+
+        return PgLedger(config.store.postgres_dsn, timezone=config.budget.timezone, pool_size=config.store.postgres_pool)
+    from charter.budget.ledger import Ledger
+
+    return Ledger(home.db_path, timezone=config.budget.timezone, synchronous=config.bus.synchronous)
