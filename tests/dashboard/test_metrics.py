@@ -141,3 +141,22 @@ async def test_metrics_move_as_things_happen(supervised_fleet: Fleet) -> None:
         await client.close()
         await alpha.close()
         await boss.close()
+
+
+async def test_archive_lag_moves_when_the_log_is_sealed(daemon) -> None:
+    import aiohttp
+
+    async def lag() -> float:
+        async with aiohttp.ClientSession() as s, s.get(daemon.url + "/metrics") as r:
+            text = await r.text()
+        line = next(ln for ln in text.splitlines() if ln.startswith("charter_archive_lag_entries "))
+        return float(line.split()[1])
+
+    alpha = await daemon.enroll("alpha", "worker")
+    for i in range(5):
+        await alpha.publish("agents.alpha.n", {"i": i})
+    before = await lag()
+    assert before >= 5
+    await daemon.admin("POST", "/v1/admin/archive/seal")
+    assert await lag() < before
+    await alpha.close()

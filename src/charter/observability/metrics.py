@@ -73,6 +73,16 @@ class _NodeCollector(Collector):
         pending.add_metric([], len(node.gov.approvals.list("pending")))
         yield pending
 
+        archivist = getattr(node, "archivist", None)
+        if archivist is not None:
+            st = archivist.state()
+            lag = GaugeMetricFamily("charter_archive_lag_entries", "Log entries not yet sealed into the archive")
+            lag.add_metric([], max(head.samples[0].value - (st.get("archived_seq") or 0), 0))
+            yield lag
+            ok = GaugeMetricFamily("charter_archive_verified", "1 if the last archive verification passed")
+            ok.add_metric([], 1 if st.get("verified") else 0)
+            yield ok
+
         for extra in node.metric_sources:
             yield from extra()
 
