@@ -192,9 +192,11 @@ class CapsuleBuilder:
         while True:
             head = await self.node.log.wait(last_seq, 1.0)
             if head > last_seq:
-                for e in await self.node.log.read(last_seq, head - last_seq):
-                    if not e.subject.startswith("charter.capsules.") and any(matches(p, e.subject) for p in TRIGGERS):
-                        dirty_since = dirty_since or time.monotonic()
+                if dirty_since is None:  # once dirty, no need to look at more entries until the rebuild
+                    for subject in self._subjects_since(last_seq, head):
+                        if not subject.startswith("charter.capsules.") and any(matches(p, subject) for p in TRIGGERS):
+                            dirty_since = time.monotonic()
+                            break
                 last_seq = head
             now = time.monotonic()
             due = now >= next_due or (dirty_since is not None and now - dirty_since >= cfg.debounce)
@@ -207,6 +209,14 @@ class CapsuleBuilder:
                 last_seq = self.node.log.head_sync()[0]  # our own events are not triggers
                 next_due = now + cfg.interval
                 dirty_since = None
+
+    def _subjects_since(self, after: int, head: int) -> list[str]:
+        """Subjects of the operator's events since `after` (agents' traffic never triggers a rebuild)."""
+        db = getattr(self.node.log, "_db", None)
+        if db is not None:  # SQLite: let the database skip the agents' traffic
+            return [r[0] for r in db.execute(
+                "SELECT subject FROM log WHERE seq > ? AND seq <= ? AND sender = 'operator'", (after, head))]
+        return []
 
     def start(self) -> None:
         if self.node.config.capsules.enabled and self._task is None:

@@ -37,22 +37,30 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
             "expires_at": iso(agent.expires_at), "expires_at_ms": agent.expires_at, "parent": c.get("parent")}
 
 
-async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allowed: Any = None) -> list[dict[str, Any]]:
-    """The last `limit` entries matching any pattern (and, for an agent, inside its view)."""
+async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allowed: Any = None,
+                        *, scan: int = 20_000) -> list[dict[str, Any]]:
+    """The last `limit` entries matching any pattern (and, for an agent, inside its view).
+
+    Reads backwards from the head and stops at `limit` matches or `scan` entries, so its cost does
+    not grow with the log (it runs on the daemon's event loop).
+    """
+    if limit <= 0:
+        return []
     head = node.log.head_sync()[0]
     out: list[dict[str, Any]] = []
-    cursor = head
-    while cursor > 0 and len(out) < limit:
-        start = max(cursor - 2000, 0)
-        chunk = []
-        for e in await node.log.read(start, cursor - start):
+    cursor, floor = head, max(head - scan, 0)
+    while cursor > floor and len(out) < limit:
+        start = max(cursor - 500, floor)
+        for e in reversed(await node.log.read(start, cursor - start)):
             if any(matches(p, e.subject) for p in patterns) and (allowed is None or allowed(e.subject)):
                 env = loads(e.raw)
-                chunk.append({"seq": e.seq, "ts": iso(env["ts"]), "subject": e.subject, "sender": env["sender"],
-                              "kind": env["kind"], "payload": env["payload"]})
-        out = chunk + out
+                out.append({"seq": e.seq, "ts": iso(env["ts"]), "subject": e.subject, "sender": env["sender"],
+                            "kind": env["kind"], "payload": env["payload"]})
+                if len(out) >= limit:
+                    break
         cursor = start
-    return out[-limit:]
+    out.reverse()
+    return out
 
 
 async def live_state(node: Node, *, events: int = 25) -> dict[str, Any]:
