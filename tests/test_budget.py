@@ -348,7 +348,7 @@ def test_four_processes_never_cross_the_cap_and_never_refuse_falsely(tmp_path: P
 def test_sigkill_mid_transaction_returns_the_held_money_after_the_ttl(tmp_path: Path) -> None:
     db = fresh_ledger(tmp_path)
     monitor = Monitor(db, CAP)
-    k, size, ttl, pairs = 40, 25_000, 3.0, 20  # the victim holds $1 of the $2 cap, for 3 s
+    k, size, ttl, pairs = 40, 25_000, 6.0, 20  # the victim holds $1 of the $2 cap, for 6 s (room for a loaded machine)
     with workers(db, ["agt_victim", "agt_s0", "agt_s1", "agt_s2"], tmp_path) as (victim, *survivors):
         monitor.start()
         victim.send("victim", k=k, size=size, ttl=ttl, pairs=pairs)
