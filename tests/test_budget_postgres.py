@@ -139,8 +139,6 @@ def test_four_processes_never_cross_the_cap_and_never_refuse_falsely(on_postgres
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known issue (issue 8, open): on PostgreSQL the survivors are sometimes "
-                   "refused money that is still there after a SIGKILL (no-false-refusal check fails)")
 def test_sigkill_mid_transaction_returns_the_held_money_after_the_ttl(on_postgres: str, tmp_path: Path) -> None:
     tb.test_sigkill_mid_transaction_returns_the_held_money_after_the_ttl(tmp_path)
 

@@ -6,9 +6,12 @@ locks instead of a file lock: a reservation locks the usage row of every limit i
 same sorted order, checks every limit against `committed + reserved`, and takes its share of all of
 them or none, in one transaction. Another reservation on any of those rows waits for the COMMIT and
 then reads the new totals, so N daemons can never spend N times the cap. Settling locks its
-reservation row first, then the usage rows in the same order; sweeping skips reservations that
-another transaction holds. A deadlock or serialization failure (which that ordering should never
-produce) is retried.
+reservation row first, then the usage rows in the same order. Every reservation first sweeps the
+expired ones back (its own transaction); a sweep waits for expired reservations that another
+transaction is sweeping or settling at that moment instead of skipping them, so that no
+reservation is refused money that is on its way back (as with SQLite, where the sweep runs inside
+the reservation's transaction). A deadlock or serialization failure (which that ordering should
+never produce) is retried.
 
 Connections: a small pool per process (default 4), shared by threads.
 """
@@ -204,8 +207,10 @@ class PgLedger:
         return out
 
     def _sweep(self, c: Any, now: int) -> int:
+        # FOR UPDATE, not SKIP LOCKED: a reservation that another transaction is sweeping (or settling)
+        # right now is waited for, so no reserve goes on to count money that is on its way back.
         rows = c.execute("SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= %s "
-                         "ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED", (now,)).fetchall()
+                         "ORDER BY id LIMIT 500 FOR UPDATE", (now,)).fetchall()
         if not rows:
             return 0
         charges = [(rid, _charges(text)) for rid, text in rows]
