@@ -270,7 +270,8 @@ async def charter_side(args: argparse.Namespace, pinning: Pinning, tmp: Path, n:
         if args.calm > 0:
             await wait_calm(busy, max_wait=args.calm)
         busy.start()
-        out["kill"] = await kill_phase(fail, primary.kill, workers=args.workers, think=args.think, before=0.5,
+        out["kill"] = await kill_phase(fail, lambda: (busy.sample(), primary.kill()), workers=args.workers,
+                                       think=args.think, before=0.5,
                                        after=1.0, max_after=30.0)
         out["kill"]["others_cpu_share_during"] = busy.share()
         progress(f"charter: circuit open ({n} requests per alias)")
@@ -322,7 +323,8 @@ async def litellm_side(args: argparse.Namespace, install: Any, pinning: Pinning,
         out["before_kill"] = await compare(fail, only, n=m, rounds=rounds, want="primary", window=None, busy=busy)
         progress(f"litellm ({name}): steady traffic, SIGKILL the primary")
         busy.start()
-        out["kill"] = await kill_phase(fail, primary.kill, workers=args.workers, think=args.think, before=0.5,
+        out["kill"] = await kill_phase(fail, lambda: (busy.sample(), primary.kill()), workers=args.workers,
+                                       think=args.think, before=0.5,
                                        after=1.0, max_after=args.litellm_window)
         out["kill"]["others_cpu_share_during"] = busy.share()
         progress(f"litellm ({name}): the primary dead (at most {args.litellm_window:g} s)")

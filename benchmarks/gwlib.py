@@ -174,12 +174,25 @@ class Busy:
         self.ours = ours
         self._t0: tuple[float, float] | None = None
         self._c0 = 0.0
+        self._last: dict[int, float] = {}
 
     def _our_cpu(self) -> float:
-        return sum(cpu_seconds(p) for p in self.ours())
+        """Our processes' CPU; one that died since (a killed backend) counts with its last reading."""
+        total = 0.0
+        for p in self.ours():
+            cpu = cpu_seconds(p)
+            if cpu == 0.0 and p in self._last:
+                cpu = self._last[p]
+            self._last[p] = cpu
+            total += cpu
+        return total
 
     def start(self) -> None:
         self._t0, self._c0 = _stat(), self._our_cpu()
+
+    def sample(self) -> None:
+        """Take a reading now (before killing one of our processes, so its CPU so far still counts)."""
+        self._our_cpu()
 
     def share(self) -> float | None:
         t1 = _stat()
