@@ -69,7 +69,14 @@ async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, 
     try:
         # asyncio.timeout, not wait_for: the same TimeoutError, without a task (and a loop turn) per call
         async with asyncio.timeout(max(wait, 0.0)):
-            resp = await session.post(url, data=data, headers=headers)
+            try:
+                resp = await session.post(url, data=data, headers=headers)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                # A pooled keep-alive connection can die with the backend (a crash, a restart)
+                # before the pool notices; the request then fails on write before any answer.
+                # One retry on a fresh connection tells a stale socket from a dead backend,
+                # as browsers and urllib3 do; a dead backend then reads as `refused`.
+                resp = await session.post(url, data=data, headers=headers)
     except TimeoutError:
         if wait < first_token:
             raise BackendError("total_timeout", "the answer took longer than the total timeout") from None
