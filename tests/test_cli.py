@@ -117,7 +117,7 @@ def test_operator_flow_with_exit_codes(tmp_path: Path) -> None:
         assert ok.returncode == 0, ok.stderr
         seq = json.loads(ok.stdout)["seq"]
         from_stdin = charter(home, "publish", "agents.w1.events", "-", "--creds", str(creds), "--json", stdin='{"n": 2}')
-        assert json.loads(from_stdin.stdout)["seq"] == seq + 1
+        assert json.loads(from_stdin.stdout)["seq"] > seq  # the daemon's own events may come between
         bad_json = charter(home, "publish", "agents.w1.events", "{nope", "--creds", str(creds))
         assert bad_json.returncode == 2 and "not JSON" in bad_json.stderr
         refused = charter(home, "publish", "tasks.assign", "{}", "--creds", str(creds))
@@ -148,7 +148,7 @@ def test_operator_flow_with_exit_codes(tmp_path: Path) -> None:
         assert status["agents"] == {"active": 1}
         assert status["counters"]["out_of_scope"] == 1
         verify = json.loads(charter(home, "log", "verify", "--json").stdout)
-        assert verify["ok"] and verify["head_seq"] == status["log"]["head_seq"]
+        assert verify["ok"] and verify["head_seq"] >= status["log"]["head_seq"]  # the daemon's own events go on
     finally:
         down = charter(home, "down")
         assert down.returncode == 0

@@ -173,6 +173,34 @@ async def test_read_returns_the_exact_window_in_order(log: EventLog) -> None:
     assert await log.read(3, 4) == everything[3:7]
 
 
+SUBJECTS = ("charter.decisions.x", "charter.decisions.y.z", "charter.decisionsx.a", "charter.agents.a.enrolled",
+            "agents.a.b", "agents.a.b.c", "charter.decisions")
+
+
+@pytest.mark.parametrize("patterns", [("charter.decisions.>",), ("agents.*.b",), ("agents.>", "charter.agents.>"),
+                                      ("charter.*",), (">",), ("nothing.here",)])
+async def test_read_matching_filters_exactly_by_pattern_in_both_directions(log: EventLog, patterns) -> None:
+    """What the capsule builder and the reflector read: the log's own filter agrees with `matches`."""
+    from charter.bus.log.scan import read_matching
+    from charter.bus.subjects import matches
+
+    await log.append([env(i, subject=SUBJECTS[i % len(SUBJECTS)]) for i in range(60)])
+    every = await log.read(0, 100)
+    want = [e.seq for e in every if any(matches(p, e.subject) for p in patterns)]
+
+    def seqs(entries: list[LogEntry]) -> list[int]:
+        return [e.seq for e in entries]
+
+    assert seqs(await read_matching(log, patterns)) == want
+    assert seqs(await read_matching(log, patterns, newest_first=True)) == want[::-1]
+    assert seqs(await read_matching(log, patterns, limit=3)) == want[:3]
+    assert seqs(await read_matching(log, patterns, limit=3, newest_first=True)) == want[::-1][:3]
+    window = [s for s in want if 10 < s <= 40]
+    assert seqs(await read_matching(log, patterns, after=10, upto=40)) == window
+    assert seqs(await read_matching(log, patterns, after=10, upto=40, newest_first=True)) == window[::-1]
+    assert await read_matching(log, patterns, limit=0) == []
+
+
 async def test_get_returns_one_entry_or_none(log: EventLog) -> None:
     appended = await fill(log, 6)
     everything = await log.read(0)

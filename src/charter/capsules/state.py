@@ -12,7 +12,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from charter import __version__
-from charter.bus.subjects import matches
+from charter.bus.log.scan import read_matching
 from charter.encoding import loads
 
 if TYPE_CHECKING:
@@ -38,27 +38,29 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
 
 
 async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allowed: Any = None,
-                        *, scan: int = 20_000) -> list[dict[str, Any]]:
+                        *, scan: int = 100_000) -> list[dict[str, Any]]:
     """The last `limit` entries matching any pattern (and, for an agent, inside its view).
 
-    Reads backwards from the head and stops at `limit` matches or `scan` entries, so its cost does
-    not grow with the log (it runs on the daemon's event loop).
+    Looks back at most `scan` entries from the head, filtered by the log itself where it can
+    (`bus.log.scan`), so its cost does not grow with the log nor with the agents' traffic.
     """
     if limit <= 0:
         return []
-    head = node.log.head_sync()[0]
+    head = (await node.log.head())[0]
     out: list[dict[str, Any]] = []
-    cursor, floor = head, max(head - scan, 0)
-    while cursor > floor and len(out) < limit:
-        start = max(cursor - 500, floor)
-        for e in reversed(await node.log.read(start, cursor - start)):
-            if any(matches(p, e.subject) for p in patterns) and (allowed is None or allowed(e.subject)):
+    after = max(head - scan, 0)
+    while head > after and len(out) < limit:
+        entries = await read_matching(node.log, patterns, after=after, upto=head, limit=limit, newest_first=True)
+        for e in entries:
+            if allowed is None or allowed(e.subject):
                 env = loads(e.raw)
                 out.append({"seq": e.seq, "ts": iso(env["ts"]), "subject": e.subject, "sender": env["sender"],
                             "kind": env["kind"], "payload": env["payload"]})
                 if len(out) >= limit:
                     break
-        cursor = start
+        if len(entries) < limit:
+            break
+        head = entries[-1].seq - 1
     out.reverse()
     return out
 
@@ -114,5 +116,5 @@ async def agent_state(node: Node, agent: AgentRecord, *, events: int = 25) -> di
                     "left": r["left"] / (1e6 if r["unit"] == "usd" else 1)} for r in budget["limits"]],
         "free_models": budget["free_models"],
         "approvals_pending": [a.to_dict() for a in gov.approvals.list("pending") if a.agent_id == agent.id],
-        "recent_events": await recent_events(node, (">",), events, agent.subscribe.allows),
+        "recent_events": await recent_events(node, agent.subscribe.patterns, events),
     }

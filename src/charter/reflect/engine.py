@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charter.bus.log.scan import read_matching
 from charter.db import connect
 from charter.reflect.truths import BUILT_IN, Truth, user_truth
 
@@ -46,6 +46,7 @@ class Reflector:
         self._db.executescript(SCHEMA)
         self.truths: list[Truth] = list(BUILT_IN) + [
             user_truth(t, f"charter.toml: truths[{i}]") for i, t in enumerate(user_truths or [])]
+        self.t3_audit = T3Audit()
 
     def close(self) -> None:
         self._db.close()
@@ -82,7 +83,7 @@ async def reflect(node: Node) -> dict[str, Any]:
     from charter.capsules.state import live_state
 
     state = await live_state(node, events=0)
-    state["_unapproved_t3"] = await unapproved_t3(node)
+    state["_unapproved_t3"] = await node.reflector.t3_audit.scan(node)
     state["_sandbox_exists"] = {a.id: Path(a.charter.get("sandbox", {}).get("path", "/nonexistent")).is_dir()
                                 for a in node.registry.all() if a.status == "active"}
     capsules = getattr(node, "capsules", None)
@@ -99,29 +100,46 @@ async def reflect(node: Node) -> dict[str, Any]:
             "checked_at": time.time()}
 
 
-async def unapproved_t3(node: Node) -> list[dict[str, Any]]:
-    """T3 allow decisions in the log without an approval the operator decided (one-shot used, or a window)."""
-    from charter.encoding import loads
+class T3Audit:
+    """T3 allow decisions in the log without an approval the operator decided.
 
-    out = []
-    rows = node.log._db.execute(  # noqa: SLF001 - a read-only query over the log's own table
-        "SELECT seq, raw FROM log WHERE subject LIKE 'charter.decisions.%'").fetchall()
-    for seq, raw in rows:
-        p = loads(raw)["payload"]
-        if p.get("tier") != "T3" or p.get("effect") != "allow":
-            continue
-        aid = p.get("approval_id")
-        ok = False
-        if aid:
-            try:
-                a = node.gov.approvals.get(aid)
-                ok = a.decision is not None and a.state in ("used", "approved")
-            except Exception:  # noqa: BLE001
-                ok = False
-        if not ok:
-            out.append({"seq": seq, "action": p.get("action"), "agent": p.get("agent_id")})
-    for a in node.gov.approvals.list("used", limit=10_000) + node.gov.approvals.list("approved", limit=10_000):
-        if a.tier == "T3" and not a.decision:
-            out.append({"seq": 0, "action": a.action, "agent": a.agent_name})
+    Incremental: each run reads only the decisions appended since the last one (filtered by the
+    log, see `bus.log.scan`), so a long log costs nothing extra. A decision whose approval does not
+    check out yet is kept and checked again on every run.
+    """
 
-    return out
+    def __init__(self) -> None:
+        self.cursor = 0
+        self.suspects: dict[int, dict[str, Any]] = {}
+
+    async def scan(self, node: Node) -> list[dict[str, Any]]:
+        from charter.encoding import loads
+
+        head = (await node.log.head())[0]
+        while self.cursor < head:
+            batch = await read_matching(node.log, ("charter.decisions.>",), after=self.cursor, upto=head, limit=2000)
+            for e in batch:
+                p = loads(e.raw)["payload"]
+                if p.get("tier") == "T3" and p.get("effect") == "allow":
+                    self.suspects[e.seq] = p
+            self.cursor = batch[-1].seq if len(batch) == 2000 else head
+        out = []
+        for seq, p in list(self.suspects.items()):
+            if self._approved(node, p.get("approval_id")):
+                del self.suspects[seq]
+            else:
+                out.append({"seq": seq, "action": p.get("action"), "agent": p.get("agent_id")})
+        for a in node.gov.approvals.list("used", limit=10_000) + node.gov.approvals.list("approved", limit=10_000):
+            if a.tier == "T3" and not a.decision:
+                out.append({"seq": 0, "action": a.action, "agent": a.agent_name})
+        return out
+
+    @staticmethod
+    def _approved(node: Node, approval_id: str | None) -> bool:
+        if not approval_id:
+            return False
+        try:
+            a = node.gov.approvals.get(approval_id)
+        except Exception:  # noqa: BLE001 - an unknown approval is no approval
+            return False
+        return a.decision is not None and a.state in ("used", "approved")

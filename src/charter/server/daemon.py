@@ -7,6 +7,7 @@ by its pid and ignored.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started:
+            settle_heap()
             info = {"pid": os.getpid(), "url": self.url, "started_at": time.time()}
             write_private(self.home.daemon_file, json.dumps(info).encode())
             token = dashboard_token(self.home)
@@ -74,6 +76,19 @@ class _Server(uvicorn.Server):
             elif token:
                 print(f"Charter is up at {self.url} (pid {os.getpid()}).", flush=True)
                 print(f"Dashboard: {self.url}/dashboard#token={token}", flush=True)
+
+
+def settle_heap() -> None:
+    """Move everything alive after start-up out of the garbage collector's sight.
+
+    The daemon starts with ~100k long-lived objects (FastAPI's routes, pydantic models, the
+    registry, compiled policies). Every full collection walks them all, 70-90 ms on these machines,
+    and the event loop, with every publish and model call in flight, waits for it: that was the p99
+    of a single publish. Frozen objects are never scanned again (they never become garbage anyway),
+    so a full collection only walks what was allocated since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def serve(home: Home, host: str | None = None, port: int | None = None) -> int:

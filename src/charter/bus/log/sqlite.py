@@ -28,6 +28,7 @@ from charter.bus.log.base import (
     VerifyReport,
     entry_hash,
 )
+from charter.bus.log.scan import matching, subject_glob
 from charter.bus.log.witness import KeyWitness
 from charter.db import connect
 from charter.encoding import loads
@@ -191,6 +192,27 @@ class SqliteLog:
 
     async def read(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         return self.read_sync(after_seq, limit)
+
+    def read_matching_sync(self, patterns: Sequence[str], *, after: int, upto: int, limit: int,
+                           newest_first: bool = False) -> list[LogEntry]:
+        """`scan.read_matching` done by SQLite: the subject filter runs in C over the seq range."""
+        where = " OR ".join("subject GLOB ?" for _ in patterns)
+        order = "DESC" if newest_first else "ASC"
+        out: list[LogEntry] = []
+        lo, hi = after, upto
+        while len(out) < limit and lo < hi:
+            rows = self._db.execute(
+                f"SELECT {_COLS} FROM log WHERE seq > ? AND seq <= ? AND ({where}) ORDER BY seq {order} LIMIT ?",
+                (lo, hi, *(subject_glob(p) for p in patterns), limit - len(out)),
+            ).fetchall()
+            if not rows:
+                break
+            out += matching([_entry(r) for r in rows], patterns)  # the GLOB is a superset
+            if newest_first:
+                hi = rows[-1][0] - 1
+            else:
+                lo = rows[-1][0]
+        return out
 
     async def get(self, seq: int) -> LogEntry | None:
         row = self._db.execute(f"SELECT {_COLS} FROM log WHERE seq = ?", (seq,)).fetchone()
