@@ -107,6 +107,24 @@ def require_ci_service(name: str, host: str, port: int) -> None:
         pytest.skip(msg)
 
 
+PG_BASE_DSN = "host=127.0.0.1 port=5432 dbname=test"
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A DSN for a fresh schema of its own on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
+    require_ci_service("PostgreSQL", "127.0.0.1", 5432)
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    schema = "t_" + uuid.uuid4().hex[:16]
+    with psycopg.connect(PG_BASE_DSN, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG_BASE_DSN} options=-csearch_path={schema}"
+    with psycopg.connect(PG_BASE_DSN, autocommit=True) as c:
+        c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 async def aclose(*agents: Agent) -> None:
     for a in agents:
         await a.close()

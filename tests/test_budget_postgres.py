@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,8 @@ import pytest
 
 import test_budget as tb
 from charter.budget.ledger import Limit
-from conftest import require_ci_service
 
 psycopg = pytest.importorskip("psycopg")
-BASE_DSN = "host=127.0.0.1 port=5432 dbname=test"
 
 PG_WORKER = tb.WORKER.replace(
     "from charter.budget.ledger import Ledger\n", "from charter.budget.pg import PgLedger\n").replace(
@@ -34,14 +30,8 @@ assert PG_WORKER != tb.WORKER and "PgLedger(db" in PG_WORKER
 
 
 @pytest.fixture
-def dsn() -> Iterator[str]:
-    require_ci_service("PostgreSQL", "127.0.0.1", 5432)
-    schema = "t_" + uuid.uuid4().hex[:16]
-    with psycopg.connect(BASE_DSN, autocommit=True) as c:
-        c.execute(f"CREATE SCHEMA {schema}")
-    yield f"{BASE_DSN} options=-csearch_path={schema}"
-    with psycopg.connect(BASE_DSN, autocommit=True) as c:
-        c.execute(f"DROP SCHEMA {schema} CASCADE")
+def dsn(pg_dsn: str) -> str:
+    return pg_dsn
 
 
 class PgWorker(tb.Worker):

@@ -62,7 +62,7 @@ class BusConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    """Where shared state lives. Today only the budget ledger moves (docs/deployment-two-machines.md)."""
+    """Where shared state lives: the registry and the budget ledger move (docs/deployment-two-machines.md)."""
 
     backend: Literal["sqlite", "postgres"] = "sqlite"
     postgres_dsn: str = "host=127.0.0.1 port=5432 dbname=charter"  # a libpq connection string

@@ -1,13 +1,14 @@
-"""`charter migrate`: move a SQLite installation's log onto NATS JetStream and its budget ledger onto
-PostgreSQL, as `[bus] backend` and `[store] backend` in charter.toml now say, then verify.
+"""`charter migrate`: move a SQLite installation's log onto NATS JetStream, and its registry (agents,
+invites, bearer keys) and budget ledger onto PostgreSQL, as `[bus] backend` and `[store] backend` in
+charter.toml now say, then verify.
 
 The daemon must be stopped. The log is copied entry by entry, in order, in batches that fit one
 JetStream message; the NATS log recomputes every hash, and each receipt must equal the SQLite
 entry's (same seq, same hash) or the migration stops. A stream that already holds a prefix of
 this log is continued (a migration cut short can be run again); one that holds anything else is
 refused. Named consumers follow. Then the whole stream is verified, signatures included, and its
-head must equal the SQLite head. The ledger's tables are copied in one PostgreSQL transaction, into
-empty tables only, and their totals compared. charter.db is left as it was.
+head must equal the SQLite head. The registry's and the ledger's tables are copied in one PostgreSQL
+transaction, into empty tables only, and their counts and totals compared. charter.db is left as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from charter.bus.envelope import parse
 from charter.config import Home
 from charter.errors import CONFLICT, CharterError
 
-LEDGER_TABLES = {
+STORE_TABLES = {
+    "invites": "id, token_hash, role, uses, uses_left, created_at, expires_at, revoked, note",
+    "agents": "id, name, role, public_key, status, reason, charter, issued_at, expires_at, invite_id, created_at, "
+              "updated_at",
+    "api_keys": "key_hash, agent_id, created_at, revoked",
     "budget_limits": "scope, unit, period, hard, soft_ratio, updated_at",
     "budget_usage": "scope, unit, period, period_key, reserved, committed, alerted",
     "reservations": "id, agent_id, role, model, action, usd, tokens, charges, state, created_at, expires_at, closed_at",
@@ -88,23 +93,25 @@ async def migrate_log(home: Home, say: Callable[[str], None] = lambda _: None) -
         await target.close()
 
 
-def migrate_ledger(home: Home, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     import psycopg
 
     from charter.budget.pg import PgLedger
     from charter.db import connect
+    from charter.identity.registry_pg import PgRegistry
 
     config = home.load_config()
     if config.store.backend != "postgres":
         raise CharterError(CONFLICT, 'set [store] backend = "postgres" (and postgres_dsn) first', "store.backend")
     PgLedger(config.store.postgres_dsn).close()  # the tables
+    PgRegistry(config.store.postgres_dsn, listen=False).close()
     src = connect(home.db_path, readonly=True)
     out: dict[str, Any] = {"tables": {}}
     try:
         with psycopg.connect(config.store.postgres_dsn) as pg, pg.transaction():
-            for table, cols in LEDGER_TABLES.items():
+            for table, cols in STORE_TABLES.items():
                 if pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
-                    raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; the ledger was migrated "
+                    raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; it was migrated "
                                        "already or belongs to another installation", "store.postgres_dsn")
                 order = "id" if table == "spend" else "rowid"
                 rows = src.execute(f"SELECT {cols} FROM {table} ORDER BY {order}").fetchall()
@@ -115,6 +122,7 @@ def migrate_ledger(home: Home, say: Callable[[str], None] = lambda _: None) -> d
                 say(f"  {table}: {len(rows)} rows")
                 out["tables"][table] = len(rows)
             checks = {
+                "agents": "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'active') FROM agents",
                 "usage": "SELECT COALESCE(SUM(reserved), 0), COALESCE(SUM(committed), 0) FROM budget_usage",
                 "spend": "SELECT COALESCE(SUM(usd), 0), COUNT(*) FROM spend",
             }

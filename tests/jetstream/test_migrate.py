@@ -1,4 +1,4 @@
-"""`charter migrate`: a SQLite installation's log moves onto NATS and its ledger onto PostgreSQL
+"""`charter migrate`: a SQLite installation's log moves onto NATS, its registry and ledger onto PostgreSQL
 without losing an event; the daemon then continues the same chain there."""
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ async def test_migrate_sqlite_to_nats_and_postgres(tmp_path: Path, shared_nats: 
         assert doc["ok"] and doc["log"]["copied"] == before.checked and doc["log"]["already_there"] == 0
         assert (doc["log"]["head_seq"], doc["log"]["head_hash"]) == (before.head_seq, before.head_hash)
         assert doc["log"]["consumers"] == 1 and doc["log"]["breaks"] == []
-        assert doc["ledger"]["tables"]["reservations"] == 2 and doc["ledger"]["spend"] == [50_000, 1]
+        assert doc["store"]["tables"]["reservations"] == 2 and doc["store"]["spend"] == [50_000, 1]
+        assert doc["store"]["tables"]["agents"] == 1 and doc["store"]["agents"] == [1, 1]
+        assert doc["store"]["tables"]["invites"] == 1 and doc["store"]["tables"]["api_keys"] == 1
 
-        code, again = migrate(home.root)  # run twice: the log is already there; the ledger is refused
+        code, again = migrate(home.root)  # run twice: the log is already there; the store is refused
         assert code != 0
 
         d = start_daemon(home)  # now on NATS and PostgreSQL
@@ -80,7 +82,7 @@ async def test_migrate_sqlite_to_nats_and_postgres(tmp_path: Path, shared_nats: 
                 break
             assert rest[0] == got[-1] + 1  # the consumer's position came along
             (usd,) = [lim for lim in (await alpha.budget())["limits"] if lim["unit"] == "usd"]
-            assert (usd["reserved"], usd["committed"]) == (200_000, 50_000)  # the ledger came along
+            assert (usd["reserved"], usd["committed"]) == (200_000, 50_000)  # the ledger came along (and the registry: alpha is known)
             await alpha.settle(held["reservation_id"], usd=0.01)  # a reservation made before the move
         finally:
             await alpha.close()

@@ -19,6 +19,7 @@ from charter.config import Home
 from charter.encoding import loads
 from charter.errors import CharterError
 from charter.identity.init import init_home
+from charter.sdk import Agent
 from charter.server.daemon import stop
 from conftest import aclose, free_port, require_ci_service, start_daemon
 
@@ -115,3 +116,58 @@ async def test_two_daemons_share_one_budget_and_one_chain(tmp_path: Path, shared
         assert len(enrolled) == 2 * AGENTS
     finally:
         await log.close()
+
+
+async def refused_within_a_second(agent: Agent, code: str) -> float:
+    """Publish until refused with `code`: each try is a real, signed message. Returns the seconds it took."""
+    import time
+
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        n += 1
+        try:
+            await agent.publish(f"agents.{agent.name}.hello", {"n": n})
+        except CharterError as exc:
+            assert exc.code == code, exc
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < 1.0, f"still accepted after 1 s (expected {code})"
+
+
+async def test_one_fleet_across_two_daemons_and_a_revocation_refused_on_the_other_within_a_second(
+        tmp_path: Path, shared_nats: str, stream_and_dsn: tuple[str, str]) -> None:
+    """Enrolled on daemon one, the agent speaks to daemon two as well (one registry, on PostgreSQL);
+    revoked on daemon one, its very next message to daemon two is refused, well within a second.
+    The same holds for its bearer key on the OpenAI-compatible routes and for a suspension."""
+    import aiohttp
+
+    stream, dsn = stream_and_dsn
+    h1 = home_for(tmp_path / "one", shared_nats, stream, dsn, None)
+    h2 = home_for(tmp_path / "two", shared_nats, stream, dsn, h1.root_key_path)
+    d1, d2 = start_daemon(h1), start_daemon(h2)
+    on_one = await d1.enroll("roamer", creds_dir=tmp_path)
+    on_two = Agent.load(tmp_path / "roamer.creds.json", server=d2.url)
+    try:
+        assert (await on_two.publish("agents.roamer.hello", {"via": "two"}))["seq"] > 0
+        listed = await d2.admin("GET", "/v1/admin/agents")
+        assert [a["name"] for a in (listed["agents"] if isinstance(listed, dict) else listed)] == ["roamer"]
+        bearer = {"Authorization": f"Bearer {on_one.api_key}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(d2.url + "/v1/models", headers=bearer) as resp:
+                assert resp.status == 200, await resp.text()
+
+            await d1.admin("POST", "/v1/admin/agents/roamer/suspend")
+            await refused_within_a_second(on_two, "suspended")
+            await d1.admin("POST", "/v1/admin/agents/roamer/resume")
+            await asyncio.sleep(0.3)
+            await on_two.publish("agents.roamer.hello", {"n": 2})
+
+            await d1.admin("POST", "/v1/admin/agents/roamer/revoke", json={"reason": "lost laptop"})
+            took = await refused_within_a_second(on_two, "revoked")
+            async with http.get(d2.url + "/v1/models", headers=bearer) as resp:
+                assert resp.status == 403 and (await resp.json())["error"]["code"] == "revoked"
+        assert took < 1.0
+    finally:
+        await aclose(on_one, on_two)
+        stop(h1)
+        stop(h2)

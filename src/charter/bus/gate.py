@@ -41,8 +41,12 @@ class Gate:
         self.replay = replay
         self.policy: PolicyHook = policy or ScopeOnly()
 
-    def check(self, env: Envelope, now: int | None = None) -> AgentRecord:
-        """Return the proven sender, or raise Rejection. On success the nonce is taken."""
+    def check(self, env: Envelope, now: int | None = None, *, signed_here: bool = False) -> AgentRecord:
+        """Return the proven sender, or raise Rejection. On success the nonce is taken.
+
+        `signed_here` is for envelopes this process has just sealed with the sender's own key (the
+        operator's events): the signature check is skipped, every other step still runs.
+        """
         now = time.time_ns() // 1_000_000 if now is None else now
         agent = self.lookup(env.sender)
         if agent is None:
@@ -53,12 +57,13 @@ class Gate:
             raise Rejection(SUSPENDED, f"agent {agent.name} is suspended; the operator can resume it", "sender")
         if now >= agent.expires_at:
             raise Rejection(EXPIRED, f"agent {agent.name}'s charter expired; renew it", "sender")
-        try:
-            sig = b64d(env.sig)
-        except ValueError:
-            raise Rejection(BAD_SIGNATURE, "signature is not base64url", "sig") from None
-        if not agent.public_key.verify(sig, env.signed):
-            raise Rejection(BAD_SIGNATURE, f"signature does not match {agent.name}'s key", "sig")
+        if not signed_here:
+            try:
+                sig = b64d(env.sig)
+            except ValueError:
+                raise Rejection(BAD_SIGNATURE, "signature is not base64url", "sig") from None
+            if not agent.public_key.verify(sig, env.signed):
+                raise Rejection(BAD_SIGNATURE, f"signature does not match {agent.name}'s key", "sig")
         why = self.replay.check(env.sender, env.nonce, env.ts, now)
         if why:
             raise Rejection(REPLAY, why, "ts" if "timestamp" in why else "nonce")

@@ -68,14 +68,14 @@ def agents_nats_creds(
 
 def migrate_command(
     log: Annotated[bool, typer.Option("--log/--no-log", help="Copy the bus log to NATS (bus.backend = nats).")] = True,
-    ledger: Annotated[bool, typer.Option("--ledger/--no-ledger",
-                                         help="Copy the budget ledger to PostgreSQL (store.backend = postgres).")] = True,
+    store: Annotated[bool, typer.Option("--store/--no-store", help="Copy the registry (agents, invites, bearer keys) "
+                                        "and the budget ledger to PostgreSQL (store.backend = postgres).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")] = False,
 ) -> None:
-    """Move charter.db's log onto NATS and its ledger onto PostgreSQL, as charter.toml says; verify after."""
+    """Move charter.db's log onto NATS, its registry and ledger onto PostgreSQL, as charter.toml says; verify after."""
     from charter.cli.common import err, fail
     from charter.errors import CharterError
-    from charter.migrate import migrate_ledger, migrate_log
+    from charter.migrate import migrate_log, migrate_store
     from charter.server.daemon import read_daemon_file
 
     home = state.home
@@ -86,9 +86,9 @@ def migrate_command(
     doc: dict[str, Any] = {}
     if log and config.bus.backend == "nats":
         doc["log"] = run(lambda: migrate_log(home, say))
-    if ledger and config.store.backend == "postgres":
+    if store and config.store.backend == "postgres":
         try:
-            doc["ledger"] = migrate_ledger(home, say)
+            doc["store"] = migrate_store(home, say)
         except CharterError as exc:
             fail(exc)
     if not doc:
@@ -103,7 +103,8 @@ def migrate_command(
             out.print(f"log: {lg['copied']} entries copied ({lg['already_there']} were there), head seq "
                       f"{lg['head_seq']} {'matches' if lg['ok'] else 'DOES NOT match'} charter.db; "
                       f"{lg['consumers']} consumers")
-        if "ledger" in doc:
-            out.print(f"ledger: {doc['ledger']['tables']}")
+        if "store" in doc:
+            tables = ", ".join(f"{t} {n}" for t, n in doc["store"]["tables"].items())
+            out.print(f"store: rows copied to PostgreSQL: {tables}")
     if not ok:
         raise SystemExit(5)

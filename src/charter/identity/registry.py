@@ -132,7 +132,60 @@ def _record(row: tuple) -> AgentRecord:
 _AGENT_COLS = "id, name, role, public_key, status, reason, charter, issued_at, expires_at, created_at"
 
 
-class Registry:
+class CachedRegistry:
+    """What every registry serves from memory: the gate looks an agent up on every message."""
+
+    _agents: dict[str, AgentRecord]
+    _keys: dict[str, str]
+
+    def get(self, agent_id: str) -> AgentRecord | None:
+        return self._agents.get(agent_id)
+
+    def children(self, agent_id: str) -> list[AgentRecord]:
+        """The sub-agents whose charter names `agent_id` as their parent."""
+        return [a for a in self.all() if (a.charter.get("parent") or {}).get("agent_id") == agent_id]
+
+    def find(self, ref: str) -> AgentRecord:
+        """An agent by id, or by name (the live one if a revoked agent shares the name)."""
+        rec = self._agents.get(ref)
+        if rec:
+            return rec
+        named = [a for a in self._agents.values() if a.name == ref]
+        live = [a for a in named if a.status != REVOKED]
+        pick = live or sorted(named, key=lambda a: a.created_at)[-1:]
+        if not pick:
+            raise CharterError(NOT_FOUND, f"no agent with id or name {ref!r}", "agent")
+        return pick[0]
+
+    def all(self) -> list[AgentRecord]:
+        return sorted(self._agents.values(), key=lambda a: (a.created_at, a.id))
+
+    def agent_for_key(self, key_hash: str) -> AgentRecord | None:
+        agent_id = self._keys.get(key_hash)
+        return self._agents.get(agent_id) if agent_id else None
+
+
+def check_invite(row: tuple | None, expected_role: str | None, now: int) -> tuple[str, str]:
+    """(invite id, role) of a redeemable invite row `(id, role, uses_left, expires_at, revoked)`, or why not."""
+    if row is None:
+        raise CharterError(BAD_TOKEN, "unknown invite token", "token")
+    invite_id, role, uses_left, expires_at, revoked = row
+    if revoked:
+        raise CharterError(BAD_TOKEN, "this invite was revoked", "token")
+    if now >= expires_at:
+        raise CharterError(BAD_TOKEN, "this invite has expired; ask the operator for a new one", "token")
+    if uses_left <= 0:
+        raise CharterError(BAD_TOKEN, "this invite has already been used", "token")
+    if expected_role is not None and expected_role != role:
+        raise CharterError(BAD_TOKEN, f"this invite is for role {role!r}, not {expected_role!r}", "role")
+    return invite_id, role
+
+
+def name_taken(name: str) -> CharterError:
+    return CharterError(CONFLICT, f"an agent named {name!r} is already enrolled", "name")
+
+
+class Registry(CachedRegistry):
     """Agents and invites. Reads of agents are served from memory; every write goes to SQLite first."""
 
     def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
@@ -183,24 +236,12 @@ class Registry:
             row = db.execute(
                 "SELECT id, role, uses_left, expires_at, revoked FROM invites WHERE token_hash = ?", (token_hash,)
             ).fetchone()
-            if row is None:
-                raise CharterError(BAD_TOKEN, "unknown invite token", "token")
-            invite_id, role, uses_left, expires_at, revoked = row
-            if revoked:
-                raise CharterError(BAD_TOKEN, "this invite was revoked", "token")
-            if now >= expires_at:
-                raise CharterError(BAD_TOKEN, "this invite has expired; ask the operator for a new one", "token")
-            if uses_left <= 0:
-                raise CharterError(BAD_TOKEN, "this invite has already been used", "token")
-            if expected_role is not None and expected_role != role:
-                raise CharterError(
-                    BAD_TOKEN, f"this invite is for role {role!r}, not {expected_role!r}", "role"
-                )
+            invite_id, role = check_invite(row, expected_role, now)
             taken = db.execute(
                 "SELECT id FROM agents WHERE name = ? AND status != 'revoked'", (name,)
             ).fetchone()
             if taken:
-                raise CharterError(CONFLICT, f"an agent named {name!r} is already enrolled", "name")
+                raise name_taken(name)
             rec = build(role)
             db.execute("UPDATE invites SET uses_left = uses_left - 1 WHERE id = ?", (invite_id,))
             db.execute(
@@ -218,9 +259,6 @@ class Registry:
 
     # -- agents ----------------------------------------------------------------------------
 
-    def get(self, agent_id: str) -> AgentRecord | None:
-        return self._agents.get(agent_id)
-
     def insert(self, rec: AgentRecord) -> AgentRecord:
         """Insert an agent enrolled without an invite (a sub-agent); names stay unique among live agents."""
         db = self._db
@@ -228,7 +266,7 @@ class Registry:
         db.execute("BEGIN IMMEDIATE")
         try:
             if db.execute("SELECT id FROM agents WHERE name = ? AND status != 'revoked'", (rec.name,)).fetchone():
-                raise CharterError(CONFLICT, f"an agent named {rec.name!r} is already enrolled", "name")
+                raise name_taken(rec.name)
             db.execute(
                 "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason,
@@ -241,25 +279,6 @@ class Registry:
         rec.created_at = now
         self._agents[rec.id] = rec
         return rec
-
-    def children(self, agent_id: str) -> list[AgentRecord]:
-        """The sub-agents whose charter names `agent_id` as their parent."""
-        return [a for a in self.all() if (a.charter.get("parent") or {}).get("agent_id") == agent_id]
-
-    def find(self, ref: str) -> AgentRecord:
-        """An agent by id, or by name (the live one if a revoked agent shares the name)."""
-        rec = self._agents.get(ref)
-        if rec:
-            return rec
-        named = [a for a in self._agents.values() if a.name == ref]
-        live = [a for a in named if a.status != REVOKED]
-        pick = live or sorted(named, key=lambda a: a.created_at)[-1:]
-        if not pick:
-            raise CharterError(NOT_FOUND, f"no agent with id or name {ref!r}", "agent")
-        return pick[0]
-
-    def all(self) -> list[AgentRecord]:
-        return sorted(self._agents.values(), key=lambda a: (a.created_at, a.id))
 
     def set_status(self, agent_id: str, status: str, reason: str = "") -> AgentRecord:
         rec = self._agents[agent_id]
@@ -293,10 +312,6 @@ class Registry:
             self._keys = {h: a for h, a in self._keys.items() if a != agent_id}
         self._db.execute("INSERT INTO api_keys VALUES (?,?,?,0)", (key_hash, agent_id, now_ms()))
         self._keys[key_hash] = agent_id
-
-    def agent_for_key(self, key_hash: str) -> AgentRecord | None:
-        agent_id = self._keys.get(key_hash)
-        return self._agents.get(agent_id) if agent_id else None
 
     def close(self) -> None:
         self._db.close()

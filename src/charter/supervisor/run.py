@@ -146,14 +146,15 @@ def find_credentials(name: str, home_root: Path, given: Path | None) -> Path:
 def prepare(home: Any, agent_ref: str, cmd: list[str], *, creds: Path | None = None, limits: Limits,
             jail: str = "auto", network: bool = True, extra_env: dict[str, str] | None = None) -> Prepared:
     """Everything checked and decided before anything runs."""
-    from charter.identity.registry import ACTIVE, Registry, now_ms
+    from charter.identity.registry import ACTIVE, now_ms
+    from charter.identity.store import open_registry
     from charter.sdk.credentials import Credentials
 
     if not cmd:
         raise CharterError("bad_request", "give the command after --, e.g. charter run alpha -- python agent.py", "cmd")
     if not home.db_path.exists():
         raise CharterError("not_initialised", f"{home.root} has no database; run `charter init`", str(home.root))
-    registry = Registry(home.db_path)
+    registry = open_registry(home, home.load_config(), listen=False)
     try:
         rec = registry.find(agent_ref)
     finally:

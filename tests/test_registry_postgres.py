@@ -1,0 +1,180 @@
+"""The registry on PostgreSQL (`[store] backend = "postgres"`), as several daemons share it.
+
+Two `PgRegistry` instances on one schema stand for two daemons: a single-use invite enrols one
+agent however many threads of both race for it; live names stay unique across them; a status
+change, a new charter or a rotated bearer key made on one is seen by the other within a second
+(LISTEN/NOTIFY); and a listener whose connection is killed reconnects and catches up.
+Real PostgreSQL on 127.0.0.1:5432; skipped without it, failed under CI=true.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from charter.errors import CharterError
+from charter.identity.keys import SigningKey
+from charter.identity.registry import ACTIVE, REVOKED, SUSPENDED, AgentRecord, Invite, now_ms
+from conftest import PG_BASE_DSN
+
+psycopg = pytest.importorskip("psycopg")
+from charter.identity.registry_pg import PgRegistry  # noqa: E402 - after the skip
+
+
+@pytest.fixture
+def dsn(pg_dsn: str) -> str:
+    return pg_dsn
+
+
+@pytest.fixture
+def pair(dsn: str) -> Iterator[tuple[PgRegistry, PgRegistry]]:
+    one, two = PgRegistry(dsn), PgRegistry(dsn)
+    try:
+        for r in (one, two):
+            assert r.listening.wait(5), "the listener did not connect"
+        yield one, two
+    finally:
+        one.close()
+        two.close()
+
+
+def record(name: str, role: str = "worker", **charter_extra: object) -> AgentRecord:
+    key = SigningKey.generate().public
+    now = now_ms()
+    agent_id = "agt_" + uuid.uuid4().hex[:20]
+    charter = {"agent_id": agent_id, "name": name, "role": role, "scopes": {"publish": [f"agents.{name}.>"],
+               "subscribe": ["tasks.>"]}, "issued_at": now, "expires_at": now + 3_600_000, **charter_extra}
+    return AgentRecord(id=agent_id, name=name, role=role, public_key=key, status=ACTIVE, reason="",
+                       charter=charter, issued_at=now, expires_at=now + 3_600_000)
+
+
+def invite(reg: PgRegistry, token_hash: str, *, uses: int = 1, role: str = "worker", ttl_ms: int = 60_000) -> Invite:
+    now = now_ms()
+    inv = Invite("inv_" + uuid.uuid4().hex[:12], role, uses, uses, now, now + ttl_ms, False, "")
+    reg.add_invite(inv, token_hash)
+    return inv
+
+
+def eventually(check: Callable[[], bool], within: float = 1.0) -> float:
+    """Seconds until `check()` held; fails the test if it did not within `within`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.005)
+    raise AssertionError(f"not true within {within}s")
+
+
+def test_a_single_use_invite_enrols_one_agent_across_daemons(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    invite(one, "h-race")
+    results: list[object] = []
+
+    def redeem(reg: PgRegistry, i: int) -> None:
+        try:
+            results.append(reg.redeem("h-race", name=f"racer{i}", expected_role=None, build=lambda role: record(f"racer{i}", role)))
+        except CharterError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=redeem, args=((one, two)[i % 2], i)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if isinstance(r, AgentRecord)]
+    lost = [r for r in results if isinstance(r, CharterError)]
+    assert len(won) == 1 and len(lost) == 15
+    assert {e.code for e in lost} == {"bad_token"} and all("already been used" in str(e) for e in lost)
+    assert [i.uses_left for i in two.invites()] == [0]
+    eventually(lambda: two.get(won[0].id) is not None and one.get(won[0].id) is not None)
+
+
+def test_invite_refusals_name_the_reason(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    build = lambda role: record("x", role)  # noqa: E731
+    with pytest.raises(CharterError, match="unknown invite token"):
+        two.redeem("h-none", name="x", expected_role=None, build=build)
+    invite(one, "h-expired", ttl_ms=-1)
+    with pytest.raises(CharterError, match="expired"):
+        two.redeem("h-expired", name="x", expected_role=None, build=build)
+    inv = invite(one, "h-role", role="observer")
+    with pytest.raises(CharterError, match="for role 'observer', not 'worker'"):
+        two.redeem("h-role", name="x", expected_role="worker", build=build)
+    two.revoke_invite(inv.id)
+    with pytest.raises(CharterError, match="revoked"):
+        one.redeem("h-role", name="x", expected_role=None, build=build)
+    with pytest.raises(CharterError) as missing:
+        one.revoke_invite("inv_nope")
+    assert missing.value.code == "not_found"
+
+
+def test_live_names_are_unique_across_daemons(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    first = one.insert(record("scout"))
+    with pytest.raises(CharterError, match="already enrolled") as taken:
+        two.insert(record("scout"))
+    assert taken.value.code == "conflict"
+    invite(two, "h-name")
+    with pytest.raises(CharterError, match="already enrolled"):
+        two.redeem("h-name", name="scout", expected_role=None, build=lambda role: record("scout", role))
+    one.set_status(first.id, REVOKED, "retired")
+    again = two.insert(record("scout"))  # a revoked agent's name is free again
+    eventually(lambda: one.find("scout").id == again.id)
+
+
+def test_a_revocation_on_one_daemon_reaches_the_other_within_a_second(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    rec = one.insert(record("worker1"))
+    eventually(lambda: two.get(rec.id) is not None)
+    held = two.get(rec.id)  # what a long stream on daemon two holds
+    one.set_status(rec.id, SUSPENDED, "paused")
+    took = eventually(lambda: two.get(rec.id).status == SUSPENDED)
+    assert took < 1.0 and held.status == SUSPENDED and two.get(rec.id).reason == "paused"
+    one.set_status(rec.id, REVOKED, "compromised")
+    eventually(lambda: two.get(rec.id).status == REVOKED)
+
+
+def test_a_new_charter_and_a_rotated_key_reach_the_other_daemon(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    rec = one.insert(record("rotor"))
+    one.add_api_key(rec.id, "key-old")
+    eventually(lambda: two.agent_for_key("key-old") is not None)
+    one.add_api_key(rec.id, "key-new")  # replaces the old one
+    eventually(lambda: two.agent_for_key("key-old") is None and two.agent_for_key("key-new") is not None)
+    new_key = SigningKey.generate().public
+    charter = {**rec.charter, "issued_at": now_ms(), "expires_at": now_ms() + 7_200_000}
+    one.replace_charter(rec, charter, new_key)
+    eventually(lambda: two.get(rec.id).public_key.b64 == new_key.b64)
+    assert two.get(rec.id).expires_at == charter["expires_at"]
+
+
+def test_a_listener_that_loses_its_connection_reconnects_and_catches_up(pair: tuple[PgRegistry, PgRegistry]) -> None:
+    one, two = pair
+    rec = one.insert(record("steady"))
+    eventually(lambda: two.get(rec.id) is not None)
+    with psycopg.connect(PG_BASE_DSN, autocommit=True) as admin:  # kill daemon two's LISTEN connection
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' "
+            "AND query LIKE %s", (f"%{two.channel}%",)).fetchall()
+    assert killed, "no listener connection found"
+    one.set_status(rec.id, REVOKED, "while nobody listened")  # its NOTIFY may be lost
+    eventually(lambda: two.get(rec.id).status == REVOKED, within=5.0)
+    assert two.listening.wait(5)
+
+
+def test_a_fresh_daemon_loads_everything(pair: tuple[PgRegistry, PgRegistry], dsn: str) -> None:
+    one, _ = pair
+    a, b = one.insert(record("a1")), one.insert(record("b1", role="observer"))
+    one.set_status(b.id, SUSPENDED, "x")
+    one.add_api_key(a.id, "key-a")
+    third = PgRegistry(dsn, listen=False)
+    try:
+        assert {r.name: r.status for r in third.all()} == {"a1": ACTIVE, "b1": SUSPENDED}
+        assert third.agent_for_key("key-a").id == a.id
+        assert third.get(a.id).publish.allows("agents.a1.x") and not third.get(a.id).publish.allows("agents.b1.x")
+    finally:
+        third.close()
