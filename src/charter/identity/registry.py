@@ -150,12 +150,12 @@ class CachedRegistry:
         rec = self._agents.get(ref)
         if rec:
             return rec
-        named = [a for a in self._agents.values() if a.name == ref]
-        live = [a for a in named if a.status != REVOKED]
-        pick = live or sorted(named, key=lambda a: a.created_at)[-1:]
-        if not pick:
+        named = sorted((a for a in self._agents.values() if a.name == ref), key=lambda a: a.created_at)
+        if not named:
             raise CharterError(NOT_FOUND, f"no agent with id or name {ref!r}", "agent")
-        return pick[0]
+        # The live one; the newest if a shared registry has not yet heard that an older one was revoked.
+        live = [a for a in named if a.status != REVOKED]
+        return (live or named)[-1]
 
     def all(self) -> list[AgentRecord]:
         return sorted(self._agents.values(), key=lambda a: (a.created_at, a.id))

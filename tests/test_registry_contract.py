@@ -1,10 +1,11 @@
-"""The registry on PostgreSQL (`[store] backend = "postgres"`), as several daemons share it.
+"""The registry's contract, on SQLite (`charter.db`) and on PostgreSQL (`[store] backend = "postgres"`).
 
-Two `PgRegistry` instances on one schema stand for two daemons: a single-use invite enrols one
-agent however many threads of both race for it; live names stay unique across them; a status
-change, a new charter or a rotated bearer key made on one is seen by the other within a second
-(LISTEN/NOTIFY); and a listener whose connection is killed reconnects and catches up.
-Real PostgreSQL on 127.0.0.1:5432; skipped without it, failed under CI=true.
+Two registry instances on one store stand for two daemons (or a daemon and a CLI): a single-use
+invite enrols one agent however many instances race for it; every refusal names its reason; live
+names stay unique across instances; a fresh instance loads everything. On PostgreSQL, several
+daemons share it: a status change, a new charter or a rotated bearer key made on one is seen by the
+other within a second (LISTEN/NOTIFY), and a listener whose connection is killed reconnects and
+catches up. Real PostgreSQL on 127.0.0.1:5432; those variants skip without it, fail under CI=true.
 """
 
 from __future__ import annotations
@@ -13,33 +14,63 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
-from charter.identity.registry import ACTIVE, REVOKED, SUSPENDED, AgentRecord, Invite, now_ms
+from charter.identity.registry import ACTIVE, REVOKED, SUSPENDED, AgentRecord, CachedRegistry, Invite, Registry, now_ms
 from conftest import PG_BASE_DSN
 
-psycopg = pytest.importorskip("psycopg")
-from charter.identity.registry_pg import PgRegistry  # noqa: E402 - after the skip
+
+class Store:
+    """Opens registry instances on one store; closes them all at the end."""
+
+    def __init__(self, kind: str, where: Any) -> None:
+        self.kind, self.where, self.opened = kind, where, []
+
+    def open(self, *, listen: bool = True) -> Any:
+        if self.kind == "sqlite":
+            reg: Any = Registry(self.where)
+        else:
+            from charter.identity.registry_pg import PgRegistry
+
+            reg = PgRegistry(self.where, listen=listen)
+            if listen:
+                assert reg.listening.wait(5), "the listener did not connect"
+        self.opened.append(reg)
+        return reg
+
+    def close(self) -> None:
+        for reg in self.opened:
+            reg.close()
 
 
-@pytest.fixture
-def dsn(pg_dsn: str) -> str:
-    return pg_dsn
-
-
-@pytest.fixture
-def pair(dsn: str) -> Iterator[tuple[PgRegistry, PgRegistry]]:
-    one, two = PgRegistry(dsn), PgRegistry(dsn)
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    where = tmp_path / "charter.db" if request.param == "sqlite" else request.getfixturevalue("pg_dsn")
+    s = Store(request.param, where)
     try:
-        for r in (one, two):
-            assert r.listening.wait(5), "the listener did not connect"
-        yield one, two
+        yield s
     finally:
-        one.close()
-        two.close()
+        s.close()
+
+
+@pytest.fixture
+def pair(store: Store) -> tuple[Any, Any]:
+    return store.open(), store.open()
+
+
+@pytest.fixture
+def pg_pair(pg_dsn: str) -> Iterator[tuple[Any, Any]]:
+    """Two daemons' registries that must hear each other: only PostgreSQL is shared across daemons."""
+    s = Store("postgres", pg_dsn)
+    try:
+        yield s.open(), s.open()
+    finally:
+        s.close()
 
 
 def record(name: str, role: str = "worker", **charter_extra: object) -> AgentRecord:
@@ -52,7 +83,7 @@ def record(name: str, role: str = "worker", **charter_extra: object) -> AgentRec
                        charter=charter, issued_at=now, expires_at=now + 3_600_000)
 
 
-def invite(reg: PgRegistry, token_hash: str, *, uses: int = 1, role: str = "worker", ttl_ms: int = 60_000) -> Invite:
+def invite(reg: CachedRegistry, token_hash: str, *, uses: int = 1, role: str = "worker", ttl_ms: int = 60_000) -> Invite:
     now = now_ms()
     inv = Invite("inv_" + uuid.uuid4().hex[:12], role, uses, uses, now, now + ttl_ms, False, "")
     reg.add_invite(inv, token_hash)
@@ -69,18 +100,19 @@ def eventually(check: Callable[[], bool], within: float = 1.0) -> float:
     raise AssertionError(f"not true within {within}s")
 
 
-def test_a_single_use_invite_enrols_one_agent_across_daemons(pair: tuple[PgRegistry, PgRegistry]) -> None:
+def test_a_single_use_invite_enrols_one_agent_across_daemons(store: Store, pair: tuple[Any, Any]) -> None:
     one, two = pair
     invite(one, "h-race")
     results: list[object] = []
+    racers = [store.open(listen=False) for _ in range(16)]  # one connection each, as processes have
 
-    def redeem(reg: PgRegistry, i: int) -> None:
+    def redeem(reg: Any, i: int) -> None:
         try:
             results.append(reg.redeem("h-race", name=f"racer{i}", expected_role=None, build=lambda role: record(f"racer{i}", role)))
         except CharterError as exc:
             results.append(exc)
 
-    threads = [threading.Thread(target=redeem, args=((one, two)[i % 2], i)) for i in range(16)]
+    threads = [threading.Thread(target=redeem, args=(racers[i], i)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
@@ -90,10 +122,10 @@ def test_a_single_use_invite_enrols_one_agent_across_daemons(pair: tuple[PgRegis
     assert len(won) == 1 and len(lost) == 15
     assert {e.code for e in lost} == {"bad_token"} and all("already been used" in str(e) for e in lost)
     assert [i.uses_left for i in two.invites()] == [0]
-    eventually(lambda: two.get(won[0].id) is not None and one.get(won[0].id) is not None)
+    assert store.open(listen=False).get(won[0].id).name == won[0].name
 
 
-def test_invite_refusals_name_the_reason(pair: tuple[PgRegistry, PgRegistry]) -> None:
+def test_invite_refusals_name_the_reason(pair: tuple[Any, Any]) -> None:
     one, two = pair
     build = lambda role: record("x", role)  # noqa: E731
     with pytest.raises(CharterError, match="unknown invite token"):
@@ -112,7 +144,7 @@ def test_invite_refusals_name_the_reason(pair: tuple[PgRegistry, PgRegistry]) ->
     assert missing.value.code == "not_found"
 
 
-def test_live_names_are_unique_across_daemons(pair: tuple[PgRegistry, PgRegistry]) -> None:
+def test_live_names_are_unique_across_daemons(pair: tuple[Any, Any]) -> None:
     one, two = pair
     first = one.insert(record("scout"))
     with pytest.raises(CharterError, match="already enrolled") as taken:
@@ -123,11 +155,11 @@ def test_live_names_are_unique_across_daemons(pair: tuple[PgRegistry, PgRegistry
         two.redeem("h-name", name="scout", expected_role=None, build=lambda role: record("scout", role))
     one.set_status(first.id, REVOKED, "retired")
     again = two.insert(record("scout"))  # a revoked agent's name is free again
-    eventually(lambda: one.find("scout").id == again.id)
+    assert two.find("scout").id == again.id
 
 
-def test_a_revocation_on_one_daemon_reaches_the_other_within_a_second(pair: tuple[PgRegistry, PgRegistry]) -> None:
-    one, two = pair
+def test_a_revocation_on_one_daemon_reaches_the_other_within_a_second(pg_pair: tuple[Any, Any]) -> None:
+    one, two = pg_pair
     rec = one.insert(record("worker1"))
     eventually(lambda: two.get(rec.id) is not None)
     held = two.get(rec.id)  # what a long stream on daemon two holds
@@ -138,8 +170,8 @@ def test_a_revocation_on_one_daemon_reaches_the_other_within_a_second(pair: tupl
     eventually(lambda: two.get(rec.id).status == REVOKED)
 
 
-def test_a_new_charter_and_a_rotated_key_reach_the_other_daemon(pair: tuple[PgRegistry, PgRegistry]) -> None:
-    one, two = pair
+def test_a_new_charter_and_a_rotated_key_reach_the_other_daemon(pg_pair: tuple[Any, Any]) -> None:
+    one, two = pg_pair
     rec = one.insert(record("rotor"))
     one.add_api_key(rec.id, "key-old")
     eventually(lambda: two.agent_for_key("key-old") is not None)
@@ -152,10 +184,12 @@ def test_a_new_charter_and_a_rotated_key_reach_the_other_daemon(pair: tuple[PgRe
     assert two.get(rec.id).expires_at == charter["expires_at"]
 
 
-def test_a_listener_that_loses_its_connection_reconnects_and_catches_up(pair: tuple[PgRegistry, PgRegistry]) -> None:
-    one, two = pair
+def test_a_listener_that_loses_its_connection_reconnects_and_catches_up(pg_pair: tuple[Any, Any]) -> None:
+    one, two = pg_pair
     rec = one.insert(record("steady"))
     eventually(lambda: two.get(rec.id) is not None)
+    import psycopg
+
     with psycopg.connect(PG_BASE_DSN, autocommit=True) as admin:  # kill daemon two's LISTEN connection
         killed = admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' "
@@ -166,15 +200,12 @@ def test_a_listener_that_loses_its_connection_reconnects_and_catches_up(pair: tu
     assert two.listening.wait(5)
 
 
-def test_a_fresh_daemon_loads_everything(pair: tuple[PgRegistry, PgRegistry], dsn: str) -> None:
+def test_a_fresh_instance_loads_everything(store: Store, pair: tuple[Any, Any]) -> None:
     one, _ = pair
     a, b = one.insert(record("a1")), one.insert(record("b1", role="observer"))
     one.set_status(b.id, SUSPENDED, "x")
     one.add_api_key(a.id, "key-a")
-    third = PgRegistry(dsn, listen=False)
-    try:
-        assert {r.name: r.status for r in third.all()} == {"a1": ACTIVE, "b1": SUSPENDED}
-        assert third.agent_for_key("key-a").id == a.id
-        assert third.get(a.id).publish.allows("agents.a1.x") and not third.get(a.id).publish.allows("agents.b1.x")
-    finally:
-        third.close()
+    third = store.open(listen=False)
+    assert {r.name: r.status for r in third.all()} == {"a1": ACTIVE, "b1": SUSPENDED}
+    assert third.agent_for_key("key-a").id == a.id
+    assert third.get(a.id).publish.allows("agents.a1.x") and not third.get(a.id).publish.allows("agents.b1.x")
