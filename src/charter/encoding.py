@@ -24,12 +24,18 @@ class EncodingError(ValueError):
 
 
 def _non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_non_finite(v) for v in value)
+    """True if a NaN or an infinity hides anywhere in `value` (a loop, not recursion: it is on every seal)."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        v = pop()
+        if isinstance(v, float):
+            if v - v != 0.0:  # inf - inf and NaN - NaN are NaN; any finite float gives 0.0
+                return True
+        elif isinstance(v, dict):
+            extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            extend(v)
     return False
 
 
