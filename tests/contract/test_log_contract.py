@@ -201,6 +201,17 @@ async def test_read_matching_filters_exactly_by_pattern_in_both_directions(log: 
     assert await read_matching(log, patterns, limit=0) == []
 
 
+async def test_read_matching_can_keep_one_sender(log: EventLog) -> None:
+    from charter.bus.log.scan import read_matching
+
+    await log.append([env(i, subject="charter.agents.x", sender=("operator", SENDER)[i % 2]) for i in range(40)])
+    mine = [e.seq for e in await log.read(0, 100) if e.sender == "operator"]
+    assert [e.seq for e in await read_matching(log, ("charter.>",), sender="operator")] == mine
+    assert [e.seq for e in await read_matching(log, ("charter.>",), sender="operator", limit=5, newest_first=True)] \
+        == mine[::-1][:5]
+    assert await read_matching(log, ("charter.>",), sender="agt_nobody") == []
+
+
 async def test_get_returns_one_entry_or_none(log: EventLog) -> None:
     appended = await fill(log, 6)
     everything = await log.read(0)

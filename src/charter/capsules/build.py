@@ -149,11 +149,15 @@ class CapsuleBuilder:
         text = _front_matter(meta) + body
         sidecar = json.dumps({**meta, "data": data}, indent=2, sort_keys=True).encode() + b"\n"
         latest, dated = self._paths(spec, agent)
-        private_dir(self.dir)
-        for md in (latest, dated):
-            private_dir(md.parent)
-            write_private(md, text.encode())
-            write_private(md.with_suffix(".json"), sidecar)
+
+        def write() -> None:  # four fsyncs: off the event loop
+            private_dir(self.dir)
+            for md in (latest, dated):
+                private_dir(md.parent)
+                write_private(md, text.encode())
+                write_private(md.with_suffix(".json"), sidecar)
+
+        await asyncio.to_thread(write)
         key = spec.name if not agent else f"{spec.name}:{agent.name}"
         self.built_at[key] = time.time()
         await self.node.emit("charter.capsules.built", {"capsule": key, "path": str(latest), "seq_to": seq_to,

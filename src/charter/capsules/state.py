@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from charter import __version__
 from charter.bus.log.scan import read_matching
 from charter.encoding import loads
+from charter.identity.registry import OPERATOR_ID
 
 if TYPE_CHECKING:
     from charter.identity.registry import AgentRecord
@@ -38,11 +39,12 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
 
 
 async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allowed: Any = None,
-                        *, scan: int = 100_000) -> list[dict[str, Any]]:
+                        *, scan: int = 20_000, sender: str | None = None) -> list[dict[str, Any]]:
     """The last `limit` entries matching any pattern (and, for an agent, inside its view).
 
     Looks back at most `scan` entries from the head, filtered by the log itself where it can
-    (`bus.log.scan`), so its cost does not grow with the log nor with the agents' traffic.
+    (`bus.log.scan`; the operator's own events off an index), so its cost does not grow with the
+    log nor with the agents' traffic.
     """
     if limit <= 0:
         return []
@@ -50,7 +52,8 @@ async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allow
     out: list[dict[str, Any]] = []
     after = max(head - scan, 0)
     while head > after and len(out) < limit:
-        entries = await read_matching(node.log, patterns, after=after, upto=head, limit=limit, newest_first=True)
+        entries = await read_matching(node.log, patterns, after=after, upto=head, limit=limit, newest_first=True,
+                                      sender=sender)
         for e in entries:
             if allowed is None or allowed(e.subject):
                 env = loads(e.raw)
@@ -92,7 +95,7 @@ async def live_state(node: Node, *, events: int = 25) -> dict[str, Any]:
         "approvals_pending": [a.to_dict() for a in gov.approvals.list("pending")],
         "models": {"aliases": node.config.models.aliases, "backends": node.gateway.router.health()},
         "policies": {p.id: p.binding() for p in gov.current.values()},
-        "recent_events": await recent_events(node, NOTABLE, events),
+        "recent_events": await recent_events(node, NOTABLE, events, scan=1_000_000, sender=OPERATOR_ID),
     }
     for name, provider in node.state_providers.items():
         try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from charter.bus.log.scan import read_matching
 from charter.db import connect
+from charter.identity.registry import OPERATOR_ID
 from charter.reflect.truths import BUILT_IN, Truth, user_truth
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class T3Audit:
 
         head = (await node.log.head())[0]
         while self.cursor < head:
-            batch = await read_matching(node.log, ("charter.decisions.>",), after=self.cursor, upto=head, limit=2000)
+            batch = await read_matching(node.log, ("charter.decisions.>",), after=self.cursor, upto=head, limit=2000,
+                                        sender=OPERATOR_ID)
             for e in batch:
                 p = loads(e.raw)["payload"]
                 if p.get("tier") == "T3" and p.get("effect") == "allow":

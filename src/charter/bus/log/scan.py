@@ -28,13 +28,14 @@ def subject_glob(pattern: str) -> str:
     return ".".join("*" if tok in ("*", ">") else tok for tok in pattern.split("."))
 
 
-def matching(entries: Sequence[LogEntry], patterns: Sequence[str]) -> list[LogEntry]:
-    return [e for e in entries if any(matches(p, e.subject) for p in patterns)]
+def matching(entries: Sequence[LogEntry], patterns: Sequence[str], sender: str | None = None) -> list[LogEntry]:
+    return [e for e in entries if (sender is None or e.sender == sender) and any(matches(p, e.subject) for p in patterns)]
 
 
 async def read_matching(log: EventLog, patterns: Sequence[str], *, after: int = 0, upto: int | None = None,
-                        limit: int = 1000, newest_first: bool = False) -> list[LogEntry]:
-    """Up to `limit` entries with `after < seq <= upto` whose subject matches any of `patterns`.
+                        limit: int = 1000, newest_first: bool = False, sender: str | None = None) -> list[LogEntry]:
+    """Up to `limit` entries with `after < seq <= upto` whose subject matches any of `patterns`
+    (and, given `sender`, sent by it: "operator" reads the daemon's own events off an index).
 
     Oldest first by default; `newest_first` walks back from `upto` (the head when None), for "the
     last N notable events".
@@ -45,13 +46,13 @@ async def read_matching(log: EventLog, patterns: Sequence[str], *, after: int = 
         upto = (await log.head())[0]
     native = getattr(log, "read_matching_sync", None)
     if native is not None:
-        return native(tuple(patterns), after=after, upto=upto, limit=limit, newest_first=newest_first)
+        return native(tuple(patterns), after=after, upto=upto, limit=limit, newest_first=newest_first, sender=sender)
     out: list[LogEntry] = []
     if newest_first:
         cursor = upto
         while cursor > after and len(out) < limit:
             start = max(cursor - CHUNK, after)
-            out += reversed(matching(await log.read(start, cursor - start), patterns))
+            out += reversed(matching(await log.read(start, cursor - start), patterns, sender))
             cursor = start
             await asyncio.sleep(0)
     else:
@@ -60,7 +61,7 @@ async def read_matching(log: EventLog, patterns: Sequence[str], *, after: int = 
             chunk = await log.read(cursor, min(CHUNK, upto - cursor))
             if not chunk:
                 break
-            out += matching([e for e in chunk if e.seq <= upto], patterns)
+            out += matching([e for e in chunk if e.seq <= upto], patterns, sender)
             cursor = chunk[-1].seq
             await asyncio.sleep(0)
     return out[:limit]

@@ -11,6 +11,7 @@ event loop inside somebody's publish; see `_Checkpointer`.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -50,6 +51,9 @@ CREATE TABLE IF NOT EXISTS log (
     appended_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_ts ON log (ts);
+-- The operator's own events (lifecycle, decisions, health): what capsules and reflection look for
+-- among the agents' traffic. Partial, so an agent's append does not pay for it.
+CREATE INDEX IF NOT EXISTS log_operator ON log (seq) WHERE sender = 'operator';
 CREATE TABLE IF NOT EXISTS consumers (
     owner      TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -104,6 +108,7 @@ class _Checkpointer:
         self._thread.join()
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _COLS = "seq, id, subject, sender, ts, kind, raw, hash, prev, appended_at"
 
 
@@ -194,9 +199,14 @@ class SqliteLog:
         return self.read_sync(after_seq, limit)
 
     def read_matching_sync(self, patterns: Sequence[str], *, after: int, upto: int, limit: int,
-                           newest_first: bool = False) -> list[LogEntry]:
-        """`scan.read_matching` done by SQLite: the subject filter runs in C over the seq range."""
+                           newest_first: bool = False, sender: str | None = None) -> list[LogEntry]:
+        """`scan.read_matching` done by SQLite: the subject filter runs in C over the seq range
+        (for the operator's events, over the `log_operator` index only)."""
         where = " OR ".join("subject GLOB ?" for _ in patterns)
+        if sender is not None:
+            if not _PLAIN_ID.fullmatch(sender):
+                raise ValueError(f"not a sender id: {sender!r}")
+            where = f"sender = '{sender}' AND ({where})"  # a literal, so that the partial index applies
         order = "DESC" if newest_first else "ASC"
         out: list[LogEntry] = []
         lo, hi = after, upto
