@@ -2,7 +2,9 @@
 
 The next request is written to a socket the backend already closed. Without a retry on a fresh
 connection the gateway reports an opaque write error instead of what happened: the backend is down
-(`refused`) or was restarted (the call simply succeeds). A real raw-socket server plays the backend.
+(`refused`) or was restarted (the call simply succeeds). The retry is for reused connections only:
+a backend that drops a fresh connection has failed, and the router must see it (no second try).
+A real raw-socket server plays the backend.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ ANSWER = b"".join(orjson.dumps(line) + b"\n" for line in (
 
 
 class OneShotBackend:
-    """Answers every request on a fresh connection, then closes that connection without a word."""
+    """Answers every request on a fresh connection, then closes that connection without a word.
 
-    def __init__(self) -> None:
+    With `mute`, drops every connection as soon as a request arrives, without an answer.
+    """
+
+    def __init__(self, *, mute: bool = False) -> None:
         self.server: asyncio.Server | None = None
         self.connections = 0
+        self.mute = mute
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -38,6 +44,9 @@ class OneShotBackend:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         await self._read_request(reader)
+        if self.mute:
+            writer.transport.abort()
+            return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: keep-alive\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER)
         await writer.drain()
@@ -100,3 +109,18 @@ async def test_a_dead_backend_behind_a_pooled_connection_reads_as_refused() -> N
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         await backend.close()
+
+
+@pytest.mark.anyio
+async def test_a_fresh_connection_dropped_is_the_backends_failure_and_not_retried() -> None:
+    server = OneShotBackend(mute=True)
+    port = await server.start()
+    backend = OllamaBackend("primary", f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(BackendError) as err:
+            await chat(backend)
+        assert err.value.kind == "disconnected", err.value
+        assert server.connections == 1
+    finally:
+        await backend.close()
+        await server.stop()

@@ -132,6 +132,16 @@ def _record(row: tuple) -> AgentRecord:
 _AGENT_COLS = "id, name, role, public_key, status, reason, charter, issued_at, expires_at, created_at"
 
 
+def agent_row(rec: AgentRecord, invite_id: str | None, now: int) -> tuple:
+    """The `agents` row of a record, in column order (SQLite and PostgreSQL alike)."""
+    return (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason, canonical(rec.charter),
+            rec.issued_at, rec.expires_at, invite_id, now, now)
+
+
+def _insert_agent(db: Any, rec: AgentRecord, invite_id: str | None, now: int) -> None:
+    db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", agent_row(rec, invite_id, now))
+
+
 class CachedRegistry:
     """What every registry serves from memory: the gate looks an agent up on every message."""
 
@@ -244,11 +254,7 @@ class Registry(CachedRegistry):
                 raise name_taken(name)
             rec = build(role)
             db.execute("UPDATE invites SET uses_left = uses_left - 1 WHERE id = ?", (invite_id,))
-            db.execute(
-                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason,
-                 canonical(rec.charter), rec.issued_at, rec.expires_at, invite_id, now, now),
-            )
+            _insert_agent(db, rec, invite_id, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -267,11 +273,7 @@ class Registry(CachedRegistry):
         try:
             if db.execute("SELECT id FROM agents WHERE name = ? AND status != 'revoked'", (rec.name,)).fetchone():
                 raise name_taken(rec.name)
-            db.execute(
-                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason,
-                 canonical(rec.charter), rec.issued_at, rec.expires_at, None, now, now),
-            )
+            _insert_agent(db, rec, None, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

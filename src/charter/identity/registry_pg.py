@@ -31,6 +31,7 @@ from charter.identity.registry import (
     CachedRegistry,
     Invite,
     _record,
+    agent_row,
     check_invite,
     name_taken,
     now_ms,
@@ -77,11 +78,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
 """
 
 _INSERT_AGENT = "INSERT INTO agents VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-
-
-def _row(rec: AgentRecord, invite_id: str | None, now: int) -> tuple:
-    return (rec.id, rec.name, rec.role, rec.public_key.b64, rec.status, rec.reason, canonical(rec.charter),
-            rec.issued_at, rec.expires_at, invite_id, now, now)
 
 
 class PgRegistry(CachedRegistry):
@@ -208,7 +204,7 @@ class PgRegistry(CachedRegistry):
                         raise name_taken(name)
                     rec = build(role)
                     self._conn.execute("UPDATE invites SET uses_left = uses_left - 1 WHERE id = %s", (invite_id,))
-                    self._conn.execute(_INSERT_AGENT, _row(rec, invite_id, now))
+                    self._conn.execute(_INSERT_AGENT, agent_row(rec, invite_id, now))
                     self._notify(self._conn, f"agent:{rec.id}")
             except psycopg.errors.UniqueViolation:
                 raise name_taken(name) from None
@@ -224,7 +220,7 @@ class PgRegistry(CachedRegistry):
         with self._lock:
             try:
                 with self._conn.transaction():
-                    self._conn.execute(_INSERT_AGENT, _row(rec, None, now))
+                    self._conn.execute(_INSERT_AGENT, agent_row(rec, None, now))
                     self._notify(self._conn, f"agent:{rec.id}")
             except psycopg.errors.UniqueViolation:
                 raise name_taken(rec.name) from None

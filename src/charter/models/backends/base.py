@@ -31,6 +31,25 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+class HttpBackend:
+    """What the HTTP backends share: one keep-alive aiohttp session, opened on first use."""
+
+    def __init__(self, name: str, url: str, *, connect: float = 2.0) -> None:
+        self.name, self.url = name, url.rstrip("/")
+        self._connect = connect
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self._connect)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 def classify_client_error(exc: BaseException) -> BackendError:
     """Turn aiohttp's zoo of exceptions into the few kinds the breaker and the events use."""
     if isinstance(exc, BackendError):
@@ -69,13 +88,17 @@ async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, 
     try:
         # asyncio.timeout, not wait_for: the same TimeoutError, without a task (and a loop turn) per call
         async with asyncio.timeout(max(wait, 0.0)):
+            probe = _Reuse()
             try:
-                resp = await session.post(url, data=data, headers=headers)
+                resp = await session.post(url, data=data, headers=headers, trace_request_ctx=probe)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-                # A pooled keep-alive connection can die with the backend (a crash, a restart)
-                # before the pool notices; the request then fails on write before any answer.
-                # One retry on a fresh connection tells a stale socket from a dead backend,
-                # as browsers and urllib3 do; a dead backend then reads as `refused`.
+                if not probe.reused:
+                    raise  # a fresh connection dropped: the backend's own failure, for the router
+                # A pooled keep-alive connection died with the backend (a crash, a restart)
+                # before the pool noticed, and the request failed before any answer. One retry
+                # on a fresh connection tells a stale socket from a dead backend (Go's
+                # http.Transport does the same, for reused connections only); a dead backend
+                # then reads as `refused`.
                 resp = await session.post(url, data=data, headers=headers)
     except TimeoutError:
         if wait < first_token:
@@ -120,11 +143,32 @@ async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
     return BackendError(error_kind(resp.status, str(msg)), f"HTTP {resp.status}: {msg}", status=resp.status)
 
 
+class _Reuse:
+    """Set by the trace hook when a request goes out on a pooled (reused) connection."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(_session: aiohttp.ClientSession, ctx: Any, _params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, _Reuse):
+        ctx.trace_request_ctx.reused = True
+
+
+def _reuse_trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_on_reuse)
+    return trace
+
+
 def new_session(connect: float, limit: int = 256) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, connect=connect),
         connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30, enable_cleanup_closed=True),
         json_serialize=lambda o: orjson.dumps(o).decode(),
+        trace_configs=[_reuse_trace()],
     )
 
 

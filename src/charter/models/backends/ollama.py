@@ -9,9 +9,9 @@ import aiohttp
 import orjson
 
 from charter.models.backends.base import (
+    HttpBackend,
     classify_client_error,
     error_body,
-    new_session,
     open_stream,
     options_for,
     read_lines,
@@ -19,24 +19,12 @@ from charter.models.backends.base import (
 from charter.models.types import BackendError, ChatRequest, Final
 
 
-class OllamaBackend:
+class OllamaBackend(HttpBackend):
     kind = "ollama"
 
     def __init__(self, name: str, url: str, *, connect: float = 2.0) -> None:
-        self.name, self.url = name, url.rstrip("/")
-        self._connect = connect
-        self._session: aiohttp.ClientSession | None = None
+        super().__init__(name, url, connect=connect)
         self._ps: tuple[float, set[str]] | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session(self._connect)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def stream(self, model: str, req: ChatRequest, *, first_token: float, idle: float,
                      total: float) -> AsyncIterator[str | Final]:

@@ -10,19 +10,17 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from charter.models.backends.base import classify_client_error, error_body, new_session, open_stream, read_lines
+from charter.models.backends.base import HttpBackend, classify_client_error, error_body, open_stream, read_lines
 from charter.models.types import BackendError, ChatRequest, Final
 
 
-class OpenAIBackend:
+class OpenAIBackend(HttpBackend):
     kind = "openai"
 
     def __init__(self, name: str, url: str, *, api_key_env: str | None = None, api_key_file: str | None = None,
                  connect: float = 2.0) -> None:
-        self.name, self.url = name, url.rstrip("/")
-        self._connect = connect
+        super().__init__(name, url, connect=connect)
         self._key_env, self._key_file = api_key_env, api_key_file
-        self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
         """Headers with the API key; a backend that names a key it cannot find is not called at all."""
@@ -41,16 +39,6 @@ class OpenAIBackend:
             where = f"${self._key_env}" if self._key_env else self._key_file
             raise BackendError("unconfigured", f"no API key: {where} is not set")
         return headers
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session(self._connect)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def stream(self, model: str, req: ChatRequest, *, first_token: float, idle: float,
                      total: float) -> AsyncIterator[str | Final]:
