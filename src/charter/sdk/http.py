@@ -13,6 +13,7 @@ from yarl import URL
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.identity.request_auth import sign_request
+from charter.keepalive import STALE_ERRORS, ReuseProbe, reuse_trace
 
 UNREACHABLE = "unreachable"
 TIMEOUT = "timeout"
@@ -31,7 +32,9 @@ class SignedClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
-                connector=aiohttp.TCPConnector(limit=64),
+                # Idle connections are dropped well before the daemon's keep-alive (75 s) drops them.
+                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
+                trace_configs=[reuse_trace()],
             )
         return self._session
 
@@ -54,15 +57,25 @@ class SignedClient:
     async def call(self, method: str, path: str, *, json: Any = None, body: bytes | None = None,
                    params: dict[str, Any] | None = None, signed: bool = True, raw: bool = False) -> Any:
         data = body if body is not None else (orjson.dumps(json) if json is not None else b"")
-        url, headers = self._prepare(method, path, params, data, signed)
         try:
-            async with self.session.request(method, url, data=data or None, headers=headers) as resp:
-                content = await resp.read()
+            for attempt in (1, 2):
+                # Signed afresh on the retry: a request signature is good for one request only.
+                url, headers = self._prepare(method, path, params, data, signed)
+                probe = ReuseProbe()
+                try:
+                    async with self.session.request(method, url, data=data or None, headers=headers,
+                                                    trace_request_ctx=probe) as resp:
+                        content = await resp.read()
+                except STALE_ERRORS:
+                    if attempt == 2 or not probe.reused:
+                        raise
+                    continue  # the pooled connection was stale (charter.keepalive): once more, on a fresh one
                 if resp.status >= 400:
                     raise error_from(resp.status, content)
                 if raw:
                     return content
                 return orjson.loads(content) if content else None
+            raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise CharterError(UNREACHABLE, f"cannot reach the Charter daemon at {self.base_url}: {exc}",
                                self.base_url) from None

@@ -113,7 +113,10 @@ def serve(home: Home, host: str | None = None, port: int | None = None) -> int:
     json_logs = {"log_config": None} if config.daemon.log_format == "json" else {}  # then setup_logging formats uvicorn's too
     uv = uvicorn.Config(
         create_app(node), host=host, port=port, loop="uvloop", http="httptools",
-        access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3, **json_logs,
+        access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
+        # Longer than the clients' pools keep idle connections (the SDK: 30 s), so that the client,
+        # not the daemon, closes an idle one; uvicorn's default of 5 s races every agent's next call.
+        timeout_keep_alive=75, **json_logs,
     )
     server = _Server(uv, home, url, config.daemon.log_format)
     try:

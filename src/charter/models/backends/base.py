@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from charter.keepalive import STALE_ERRORS, ReuseProbe, reuse_trace
+
 from charter.models.types import BackendError, ChatRequest, Final
 
 
@@ -88,17 +90,14 @@ async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, 
     try:
         # asyncio.timeout, not wait_for: the same TimeoutError, without a task (and a loop turn) per call
         async with asyncio.timeout(max(wait, 0.0)):
-            probe = _Reuse()
+            probe = ReuseProbe()
             try:
                 resp = await session.post(url, data=data, headers=headers, trace_request_ctx=probe)
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            except STALE_ERRORS:
                 if not probe.reused:
                     raise  # a fresh connection dropped: the backend's own failure, for the router
-                # A pooled keep-alive connection died with the backend (a crash, a restart)
-                # before the pool noticed, and the request failed before any answer. One retry
-                # on a fresh connection tells a stale socket from a dead backend (Go's
-                # http.Transport does the same, for reused connections only); a dead backend
-                # then reads as `refused`.
+                # A pooled connection died with the backend (a crash, a restart) before the pool
+                # noticed (see charter.keepalive); on a fresh one a dead backend reads as `refused`.
                 resp = await session.post(url, data=data, headers=headers)
     except TimeoutError:
         if wait < first_token:
@@ -143,32 +142,12 @@ async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
     return BackendError(error_kind(resp.status, str(msg)), f"HTTP {resp.status}: {msg}", status=resp.status)
 
 
-class _Reuse:
-    """Set by the trace hook when a request goes out on a pooled (reused) connection."""
-
-    __slots__ = ("reused",)
-
-    def __init__(self) -> None:
-        self.reused = False
-
-
-async def _on_reuse(_session: aiohttp.ClientSession, ctx: Any, _params: Any) -> None:
-    if isinstance(ctx.trace_request_ctx, _Reuse):
-        ctx.trace_request_ctx.reused = True
-
-
-def _reuse_trace() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(_on_reuse)
-    return trace
-
-
 def new_session(connect: float, limit: int = 256) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, connect=connect),
         connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30, enable_cleanup_closed=True),
         json_serialize=lambda o: orjson.dumps(o).decode(),
-        trace_configs=[_reuse_trace()],
+        trace_configs=[reuse_trace()],
     )
 
 
