@@ -90,16 +90,22 @@ async def test_a_broken_live_chain_is_refused_and_reported(tmp_path: Path) -> No
     from charter.reflect.engine import reflect
 
     home = make_home(tmp_path / "home")
-    configure(home, seal_interval="300ms", checkpoint_interval="1h")
-    node = Node(home)
+    configure(home, enabled=False)
+    node = Node(home)  # a first run writes the entries; nothing is sealed yet
     await node.start()
     try:
         for i in range(5):
             await node.emit("charter.test.entry", {"n": i})
-        db = sqlite3.connect(home.db_path, isolation_level=None)  # behind the daemon's back, before sealing
-        raw = db.execute("SELECT raw FROM log WHERE seq = 3").fetchone()[0]
-        db.execute("UPDATE log SET raw = ? WHERE seq = 3", (bytes(raw).replace(b'"n":1', b'"n":7'),))
-        db.close()
+    finally:
+        await node.close()
+    db = sqlite3.connect(home.db_path, isolation_level=None)  # behind the daemon's back, before sealing
+    raw = db.execute("SELECT raw FROM log WHERE seq = 3").fetchone()[0]
+    db.execute("UPDATE log SET raw = ? WHERE seq = 3", (bytes(raw).replace(b'"n":1', b'"n":7'),))
+    db.close()
+    configure(home, enabled=True, seal_interval="300ms", checkpoint_interval="1h")
+    node = Node(home)  # the archivist of the next run must refuse to seal it and say where it broke
+    await node.start()
+    try:
         await wait_for(lambda: node.archivist.state()["verified"] is False)
         state = node.archivist.state()
         assert state["archived_seq"] == 0 and state["first_bad_seq"] == 3, state
