@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from charter.bus.log.scan import read_matching
 from charter.capsules.state import agent_state, live_state
 from charter.encoding import b64d, canonical, sha256_hex
 from charter.fsutil import private_dir, write_private
 from charter.identity.keys import PublicKey
+from charter.identity.registry import OPERATOR_ID
 
 if TYPE_CHECKING:
     from charter.identity.registry import AgentRecord
@@ -187,8 +189,6 @@ class CapsuleBuilder:
 
     async def run_forever(self) -> None:
         """Rebuild AI_ALIGNMENT on a schedule and, debounced, after relevant events."""
-        from charter.bus.subjects import matches
-
         cfg = self.node.config.capsules
         last_seq = self.node.log.head_sync()[0]
         next_due = 0.0
@@ -201,11 +201,11 @@ class CapsuleBuilder:
                 await asyncio.sleep(0.25)
                 head = max(head, (await self.node.log.head())[0])
             if head > last_seq:
-                if dirty_since is None:  # once dirty, no need to look at more entries until the rebuild
-                    for subject in self._subjects_since(last_seq, head):
-                        if not subject.startswith("charter.capsules.") and any(matches(p, subject) for p in TRIGGERS):
-                            dirty_since = time.monotonic()
-                            break
+                # Only the operator's events trigger a rebuild, never the agents' traffic; once
+                # dirty, no need to look at more entries until the rebuild.
+                if dirty_since is None and await read_matching(self.node.log, TRIGGERS, after=last_seq, upto=head,
+                                                                limit=1, sender=OPERATOR_ID):
+                    dirty_since = time.monotonic()
                 last_seq = head
             now = time.monotonic()
             due = now >= next_due or (dirty_since is not None and now - dirty_since >= cfg.debounce)
@@ -218,14 +218,6 @@ class CapsuleBuilder:
                 last_seq = self.node.log.head_sync()[0]  # our own events are not triggers
                 next_due = now + cfg.interval
                 dirty_since = None
-
-    def _subjects_since(self, after: int, head: int) -> list[str]:
-        """Subjects of the operator's events since `after` (agents' traffic never triggers a rebuild)."""
-        db = getattr(self.node.log, "_db", None)
-        if db is not None:  # SQLite: let the database skip the agents' traffic
-            return [r[0] for r in db.execute(
-                "SELECT subject FROM log WHERE seq > ? AND seq <= ? AND sender = 'operator'", (after, head))]
-        return []
 
     def start(self) -> None:
         if self.node.config.capsules.enabled and self._task is None:

@@ -38,33 +38,22 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
             "expires_at": iso(agent.expires_at), "expires_at_ms": agent.expires_at, "parent": c.get("parent")}
 
 
-async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, allowed: Any = None,
-                        *, scan: int = 20_000, sender: str | None = None) -> list[dict[str, Any]]:
-    """The last `limit` entries matching any pattern (and, for an agent, inside its view).
+async def recent_events(node: Node, patterns: tuple[str, ...], limit: int, *, scan: int = 20_000,
+                        sender: str | None = None) -> list[dict[str, Any]]:
+    """The last `limit` entries matching any pattern (for an agent: the patterns of its view), oldest first.
 
     Looks back at most `scan` entries from the head, filtered by the log itself where it can
     (`bus.log.scan`; the operator's own events off an index), so its cost does not grow with the
     log nor with the agents' traffic.
     """
-    if limit <= 0:
-        return []
     head = (await node.log.head())[0]
-    out: list[dict[str, Any]] = []
-    after = max(head - scan, 0)
-    while head > after and len(out) < limit:
-        entries = await read_matching(node.log, patterns, after=after, upto=head, limit=limit, newest_first=True,
-                                      sender=sender)
-        for e in entries:
-            if allowed is None or allowed(e.subject):
-                env = loads(e.raw)
-                out.append({"seq": e.seq, "ts": iso(env["ts"]), "subject": e.subject, "sender": env["sender"],
-                            "kind": env["kind"], "payload": env["payload"]})
-                if len(out) >= limit:
-                    break
-        if len(entries) < limit:
-            break
-        head = entries[-1].seq - 1
-    out.reverse()
+    entries = await read_matching(node.log, patterns, after=max(head - scan, 0), upto=head, limit=limit,
+                                  newest_first=True, sender=sender)
+    out = []
+    for e in reversed(entries):
+        env = loads(e.raw)
+        out.append({"seq": e.seq, "ts": iso(env["ts"]), "subject": e.subject, "sender": env["sender"],
+                    "kind": env["kind"], "payload": env["payload"]})
     return out
 
 
