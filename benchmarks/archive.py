@@ -5,9 +5,11 @@
 
 Prints ONE JSON document on stdout; progress goes to stderr.
 
-  seal     `seal_from_db`: read the entries from charter.db, recompute their chain, build leaf hashes
-           and each segment's Merkle root, encode, compress with zstd and write segments of 10,000
-           entries with their indexes. Target: >= 20,000 events/s.
+  seal     `Archivist.seal`, the daemon's and `charter archive seal`'s own path: read the entries
+           through the EventLog 250 at a time (yielding between reads, as in the daemon), recompute
+           their chain, build leaf hashes and each segment's Merkle root, encode, compress with zstd,
+           write segments of 10,000 entries with their indexes, then sign a checkpoint and append its
+           event. Target: >= 20,000 events/s.
   verify   `verify_archive` of the archive alone, as a mirror is verified: read and decompress every
            segment, check its digest, recompute every chain hash, link, leaf, segment root, the
            checkpoint's signature and root. Target: >= 50,000 events/s.
@@ -22,6 +24,7 @@ Each scenario runs `--rounds` times on a fresh archive; figures are medians.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
@@ -43,7 +46,9 @@ from charter import __version__  # noqa: E402
 from charter.archive import checkpoints as cp  # noqa: E402
 from charter.archive.identity import ensure_identity  # noqa: E402
 from charter.archive.layout import Layout  # noqa: E402
-from charter.archive.segments import seal_from_db  # noqa: E402
+from charter.archive.archivist import Archivist  # noqa: E402
+from charter.config import Home  # noqa: E402
+from charter.identity.init import init_home  # noqa: E402
 from charter.archive.verify import verify_archive  # noqa: E402
 from charter.bus.envelope import seal  # noqa: E402
 from charter.bus.log.sqlite import SqliteLog  # noqa: E402
@@ -93,32 +98,37 @@ def sha256_baseline(raws: list[bytes]) -> dict[str, float]:
     return {"per_entry_seconds": per_entry, "bulk_seconds": bulk}
 
 
-def one_round(work: Path, db: Path, key: SigningKey, archivist: SigningKey, n: int) -> dict[str, Any]:
-    root = work / "archive"
+def one_round(home: Home, key: SigningKey, n: int) -> dict[str, Any]:
+    """Seal the whole log into a fresh archive with the production archivist, then verify it."""
+    root = home.root / "archive"
     shutil.rmtree(root, ignore_errors=True)
-    layout = Layout(root)
-    layout.create()
-    keys_dir = work / "keys"
-    keys_dir.mkdir(exist_ok=True)
-    t0 = time.perf_counter()
-    made = seal_from_db(layout, db, segment_entries=SEGMENT, partial=True)
-    seal_s = time.perf_counter() - t0
-    with layout.locked():
-        ensure_identity(layout, keys_dir, key)
-        signer = SigningKey.load_pem(keys_dir / "archivist.key")
-        cp.make(layout, signer, key.public.key_id, (n, bytes.fromhex(made[-1].last_hash)))
+    for stale in home.keys_dir.glob("archivist*"):  # a fresh archivist identity each round
+        stale.unlink()
+
+    async def seal_all() -> tuple[float, dict[str, Any]]:
+        archivist = Archivist.local(home)
+        archivist.config = archivist.config.model_copy(update={"segment_entries": SEGMENT})
+        try:
+            t0 = time.perf_counter()
+            result = await archivist.seal(partial=True)
+            return time.perf_counter() - t0, result
+        finally:
+            await archivist.close()
+
+    seal_s, result = asyncio.run(seal_all())
+    made = result["sealed"]
+    sealed = sum(m["count"] for m in made)
     t0 = time.perf_counter()
     alone = verify_archive(root, root=key.public)
     verify_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    full = verify_archive(root, db_path=db, root=key.public)
+    full = verify_archive(root, db_path=home.db_path, root=key.public)
     full_s = time.perf_counter() - t0
-    if not (alone.ok and full.ok and alone.archived == n):
+    if not (alone.ok and full.ok and alone.archived == sealed and sealed >= n):
         raise SystemExit(f"verification failed: {alone.to_dict()['breaks'][:3]} {full.to_dict()['breaks'][:3]}")
     return {
-        "seal_s": seal_s, "verify_s": verify_s, "verify_live_s": full_s, "segments": len(made),
-        "compressed": sum(m.bytes for m in made), "raw": sum(m.raw_bytes for m in made),
-        "archivist": archivist.public.key_id,
+        "seal_s": seal_s, "sealed": sealed, "verify_s": verify_s, "verify_live_s": full_s, "segments": len(made),
+        "compressed": sum(m["bytes"] for m in made), "raw": sum(m["raw_bytes"] for m in made),
     }
 
 
@@ -137,15 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     work = Path(tempfile.mkdtemp(prefix="charter-bench-archive-", dir=args.dir))
     try:
-        key, archivist = SigningKey.generate(), SigningKey.generate()
-        db = work / "charter.db"
-        progress(f"writing {n:,} signed envelopes to {db}")
-        raws = make_log(db, n, key)
+        home = Home(work / "home")
+        init_home(home)
+        key = SigningKey.load_pem(home.root_key_path)
+        progress(f"writing {n:,} signed envelopes to {home.db_path}")
+        raws = make_log(home.db_path, n, key)
         total_bytes = sum(len(r) for r in raws)
         results, baselines = [], []
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: seal, verify, verify with the live database, SHA-256 baseline")
-            results.append(one_round(work, db, key, archivist, n))
+            results.append(one_round(home, key, n))
             baselines.append(sha256_baseline(raws))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -164,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workload": {"events": n, "raw_bytes": total_bytes, "mean_event_bytes": round(total_bytes / n, 1),
                      "segment_entries": SEGMENT},
         "seal": {"events_per_s": round(seal_rate), "seconds": round(seal_s, 4), "segments": results[0]["segments"],
+                 "sealed_events": results[0]["sealed"],  # the workload plus the archivist's own events
                  "compressed_bytes": results[0]["compressed"],
                  "compression_ratio": round(results[0]["raw"] / results[0]["compressed"], 2)},
         "verify": {"events_per_s": round(verify_rate), "seconds": round(verify_s, 4)},

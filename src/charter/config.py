@@ -153,7 +153,9 @@ class ModelsConfig(_Strict):
     midstream: Literal["continue", "error"] = "continue"
     log_content: bool = False  # prompts and answers in call events (default: only their hashes)
     degraded_cache: int = Field(256, ge=0)  # recent answers kept for identical prompts
-    inject_capsule: dict[str, Literal["agent", "AI_ALIGNMENT", "OPS_STATUS"]] = Field(default_factory=dict)
+    # alias -> capsule injected as a system message: "agent" (the caller's own), AI_ALIGNMENT,
+    # OPS_STATUS, or a spec under [capsules.specs] (one with scope "agent" is built for the caller)
+    inject_capsule: dict[str, str] = Field(default_factory=dict)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     breaker: BreakerConfig = BreakerConfig()
     probe: ProbeConfig = ProbeConfig()
@@ -181,7 +183,16 @@ class CapsulesConfig(_Strict):
     interval: Seconds = Field(900.0, gt=0)  # on this schedule
     debounce: Seconds = Field(2.0, ge=0)  # and this long after a relevant event
     max_age: Seconds = Field(3600.0, gt=0)  # older than this is a contradiction
+    keep_builds: int = Field(50, ge=1, le=10_000)  # timestamped builds kept per capsule, for `capsule diff`
     specs: dict[str, CapsuleSpecConfig] = Field(default_factory=dict)
+
+    @field_validator("specs")
+    @classmethod
+    def _spec_names(cls, value: dict[str, CapsuleSpecConfig]) -> dict[str, CapsuleSpecConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name):
+                raise ValueError(f"capsule spec {name!r}: use capital letters, digits and '_' (e.g. WEEKLY_REVIEW)")
+        return value
 
 
 class ArchiveConfig(_Strict):
@@ -256,6 +267,11 @@ class Config(_Strict):
                 backend = ref.split("/", 1)[0]
                 if ref != "degraded" and backend not in self.models.backends:
                     raise ValueError(f"models.aliases.{alias}: backend {backend!r} is not under [models.backends]")
+        known = {"agent", "AGENT", "AI_ALIGNMENT", "OPS_STATUS", *self.capsules.specs}
+        for alias, which in self.models.inject_capsule.items():
+            if which not in known:
+                raise ValueError(f"models.inject_capsule.{alias}: no capsule {which!r}; "
+                                 f"known: {', '.join(sorted(known))}")
         return self
 
     @field_validator("roles")

@@ -117,3 +117,34 @@ async def test_daemon_on_nats_publishes_delivers_and_verifies(nats_daemon: Daemo
         await again.close()
     code, doc = cli_verify(d.home)
     assert code == 0 and doc["ok"]
+
+
+async def test_capsules_and_log_query_read_the_stream(nats_daemon: Daemon) -> None:
+    """Capsules, `charter log query` and `archive export` read the live log wherever it is: on NATS,
+    the JetStream stream (there is no log in charter.db to fall back on)."""
+    d = nats_daemon
+    alpha = await d.enroll("alpha", "worker")
+    try:
+        sent = await alpha.publish("agents.alpha.status", {"state": "on-nats-5e1d"})
+        mine = await alpha.capsule()
+        assert "on-nats-5e1d" in mine["markdown"]
+        assert mine["meta"]["seq_from"] <= sent["seq"] <= mine["meta"]["seq_to"]
+        built = await d.admin("POST", "/v1/admin/capsules/build", json={"name": "AI_ALIGNMENT"})
+        assert "alpha" in built["markdown"] and built["meta"]["seq_to"] >= sent["seq"]
+    finally:
+        await alpha.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "charter", "--home", str(d.home.root), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    found = cli("log", "query", "--subject", "agents.alpha.>", "--sender", "alpha", "--json")
+    assert found.returncode == 0, found.stderr
+    rows = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [(r["seq"], r["source"]) for r in rows] == [(sent["seq"], "live")]
+    assert rows[0]["envelope"]["payload"] == {"state": "on-nats-5e1d"}
+    assert cli("log", "query", "--text", "ON-NATS-5E1D", "--json").stdout.count("\n") == 1
+    exported = cli("archive", "export", "--jsonl", "--to-seq", str(sent["seq"]))
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [r["seq"] for r in lines] == list(range(1, sent["seq"] + 1))

@@ -1,17 +1,19 @@
 """Archived and live events read as one log: `charter log query` and `charter archive export`.
 
 Entries up to the archive's head are read from the sealed segments (segments whose envelope time
-range misses the query's are skipped unopened); the entries after it from the live database. Each
-entry is read exactly once, whichever side holds it.
+range misses the query's are skipped unopened); the entries after it from the live log: charter.db
+read directly (filtered in SQL), or, with `[bus] backend = "nats"`, the JetStream stream read back
+through its EventLog. Each entry is read exactly once, whichever side holds it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -19,6 +21,9 @@ from charter.archive.layout import Layout
 from charter.archive.segments import archive_head, iter_records
 from charter.bus.subjects import matches
 from charter.db import connect
+
+if TYPE_CHECKING:
+    from charter.config import BusConfig
 
 
 @dataclass
@@ -51,8 +56,11 @@ def _event(seq: int, h: bytes, prev: bytes, raw: bytes, source: str) -> tuple[di
     return {"seq": seq, "hash": h.hex(), "prev": prev.hex(), "source": source, "envelope": env}, raw
 
 
-def events(archive_root: Path, db_path: Path | None, query: Query | None = None) -> Iterator[dict[str, Any]]:
-    """Matching events in sequence order: {seq, hash, prev, source: archive|live, envelope}."""
+def events(archive_root: Path, db_path: Path | None, query: Query | None = None,
+           bus: BusConfig | None = None) -> Iterator[dict[str, Any]]:
+    """Matching events in sequence order: {seq, hash, prev, source: archive|live, envelope}.
+
+    `db_path` None: the archive only. `bus`: the configured log, when it is not charter.db."""
     q = query or Query()
     layout = Layout(archive_root)
     archived, _h, _f, _n = archive_head(layout)
@@ -67,7 +75,12 @@ def events(archive_root: Path, db_path: Path | None, query: Query | None = None)
         if q.accepts(event["envelope"], raw):
             yield event
     last = max(last, archived)
-    if db_path is None or not db_path.exists() or (q.until_seq is not None and last >= q.until_seq):
+    if db_path is None or (q.until_seq is not None and last >= q.until_seq):
+        return
+    if bus is not None and bus.backend != "sqlite":
+        yield from _live_from_log(bus, db_path, q, last)
+        return
+    if not db_path.exists():
         return
     db = connect(db_path, readonly=True)
     try:
@@ -99,6 +112,36 @@ def events(archive_root: Path, db_path: Path | None, query: Query | None = None)
         return
     finally:
         db.close()
+
+
+def _live_from_log(bus: BusConfig, db_path: Path, q: Query, after: int) -> Iterator[dict[str, Any]]:
+    """The live entries after `after` read through the configured EventLog (NATS), 1,000 at a time,
+    on a private event loop so that this stays a plain generator for the CLI."""
+    from charter.bus.log.backends import open_log
+
+    loop = asyncio.new_event_loop()
+    log = open_log(bus, db_path)
+    try:
+        cursor = after
+        while True:
+            batch = loop.run_until_complete(log.read(cursor, 1000))
+            if not batch:
+                return
+            for e in batch:
+                if q.until_seq is not None and e.seq > q.until_seq:
+                    return
+                cursor = e.seq
+                if q.sender is not None and e.sender != q.sender:
+                    continue
+                try:
+                    event, _ = _event(e.seq, e.hash, e.prev, e.raw, "live")
+                except orjson.JSONDecodeError:
+                    continue
+                if q.accepts(event["envelope"], e.raw):
+                    yield event
+    finally:
+        loop.run_until_complete(log.close())
+        loop.close()
 
 
 def resolve_sender(db_path: Path, ref: str) -> str:

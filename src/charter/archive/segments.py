@@ -30,7 +30,6 @@ import zstandard
 from charter.archive.layout import ArchiveError, Layout, read_json, write_json
 from charter.archive.merkle import CompactRange, leaf_hash, root_of
 from charter.bus.log.base import GENESIS, entry_hash
-from charter.db import connect
 from charter.fsutil import write_private
 
 MAGIC = b"CHSEG\x00v1"
@@ -258,27 +257,3 @@ def seal_rows(layout: Layout, rows: list[Row], level: int = 3) -> SegmentMeta:
         ts.append(r_ts)
         prev, expected = h, r_seq + 1
     return write_segment(layout, number + 1, records, ts, records[0][2], frontier, level)
-
-
-def seal_from_db(layout: Layout, db_path: Path, *, segment_entries: int, partial: bool,
-                 upto_seq: int | None = None, level: int = 3) -> list[SegmentMeta]:
-    """Seal straight from a SQLite log file (the CLI's and the benchmark's path; the daemon reads
-    through its EventLog, whatever the backend). Full segments always; the rest with `partial`.
-    The caller holds the archive lock."""
-    seq = archive_head(layout)[0]
-    db = connect(db_path, readonly=True)
-    made: list[SegmentMeta] = []
-    try:
-        while True:
-            limit = segment_entries if upto_seq is None else min(segment_entries, upto_seq - seq)
-            if limit <= 0:
-                break
-            rows = db.execute("SELECT seq, hash, prev, raw, ts FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
-                              (seq, limit)).fetchall()
-            if not rows or (len(rows) < segment_entries and not partial):
-                break
-            made.append(seal_rows(layout, [(r[0], bytes(r[1]), bytes(r[2]), bytes(r[3]), r[4]) for r in rows], level))
-            seq = made[-1].last_seq
-    finally:
-        db.close()
-    return made

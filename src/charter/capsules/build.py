@@ -3,9 +3,14 @@
 Layout under CHARTER_HOME/capsules (every file mode 0600):
 
     AI_ALIGNMENT_LATEST.md / .json            the latest build
-    AI_ALIGNMENT_CAPSULES/YYYY-MM-DD.md/.json the day's latest build, kept as history
+    AI_ALIGNMENT_CAPSULES/YYYY-MM-DD.md/.json the day's latest build, kept as history (the
+                                              operator's own tooling reads these)
+    AI_ALIGNMENT_CAPSULES/builds/STAMP.md     every build, the last `keep_builds` kept (`capsule diff`)
     OPS_STATUS_LATEST.md ...                  the same for each other spec
     agents/NAME/AGENT_LATEST.md ...           per-agent capsules, limited to the agent's view
+
+Each capsule names the log range it reflects: its state is as of `seq_to` (the head when it was
+built), and `seq_from` is the oldest entry among the events it quotes (`seq_to` when it quotes none).
 
 Templates are Jinja2; a file of the same name in CHARTER_HOME/capsules/templates overrides the
 built-in one, and `[capsules.specs.NAME]` adds a spec with its own template.
@@ -100,16 +105,33 @@ class CapsuleBuilder:
                                         jinja2.PackageLoader("charter.capsules", "templates")]),
             autoescape=False, undefined=jinja2.ChainableUndefined, keep_trailing_newline=True,
             trim_blocks=False, lstrip_blocks=False)
-        self.built_at: dict[str, float] = {}
+        self.built_at: dict[str, float] = self._built_on_disk()
         self._task: asyncio.Task[None] | None = None
+
+    def _built_on_disk(self) -> dict[str, float]:
+        """When the global capsules were last built, from their sidecars: freshness survives a restart."""
+        out: dict[str, float] = {}
+        for spec in self.specs.values():
+            if spec.scope != "global":
+                continue
+            sidecar = self.dir / f"{spec.name}_LATEST.json"
+            try:
+                when = json.loads(sidecar.read_text(encoding="utf-8"))["generated_at"]
+                out[spec.name] = dt.datetime.fromisoformat(when).timestamp()
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def freshness(self) -> dict[str, Any]:
         return {"built_at": self.built_at.get("AI_ALIGNMENT"), "max_age_s": self.node.config.capsules.max_age}
 
-    def _paths(self, spec: Spec, agent: AgentRecord | None) -> tuple[Path, Path]:
+    def _paths(self, spec: Spec, agent: AgentRecord | None) -> tuple[Path, Path, Path]:
+        """The latest build, the day's build, and this build's own timestamped copy."""
         base = self.dir / "agents" / agent.name if agent else self.dir
-        day = dt.datetime.now().astimezone().strftime("%Y-%m-%d")
-        return base / f"{spec.name}_LATEST.md", base / f"{spec.name}_CAPSULES" / f"{day}.md"
+        now = dt.datetime.now().astimezone()
+        history = base / f"{spec.name}_CAPSULES"
+        stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H%M%S.%fZ")
+        return base / f"{spec.name}_LATEST.md", history / f"{now:%Y-%m-%d}.md", history / "builds" / f"{stamp}.md"
 
     async def build(self, name: str = "AI_ALIGNMENT", agent: AgentRecord | None = None) -> dict[str, Any]:
         spec = self.specs.get(name)
@@ -121,6 +143,10 @@ class CapsuleBuilder:
             from charter.errors import BAD_REQUEST, CharterError
 
             raise CharterError(BAD_REQUEST, f"capsule {name} is per agent: name the agent", "agent")
+        if spec.scope == "global" and agent is not None:
+            from charter.errors import BAD_REQUEST, CharterError
+
+            raise CharterError(BAD_REQUEST, f"capsule {name} is global, not per agent: leave out the agent", "agent")
         if spec.scope == "agent":
             state = await agent_state(self.node, agent)  # type: ignore[arg-type]
         else:
@@ -129,8 +155,7 @@ class CapsuleBuilder:
             state = await live_state(self.node)
             state["contradictions"] = (await reflect(self.node))["contradictions"]
         seq_to = state["log"]["head_seq"]
-        first = self.node.log._db.execute("SELECT MIN(seq) FROM log").fetchone()[0]  # noqa: SLF001
-        seq_from = first or 0
+        seq_from = min((e["seq"] for e in state["recent_events"]), default=seq_to)
         data = json.loads(json.dumps(state, default=str))
         machine = json.dumps(data, indent=2, sort_keys=True)
         body = self.env.get_template(spec.template).render(**state, seq_from=seq_from, seq_to=seq_to,
@@ -150,29 +175,40 @@ class CapsuleBuilder:
         meta["signature"] = self.node.root_key.sign_b64(signed_fields(meta))
         text = _front_matter(meta) + body
         sidecar = json.dumps({**meta, "data": data}, indent=2, sort_keys=True).encode() + b"\n"
-        latest, dated = self._paths(spec, agent)
+        latest, dated, build = self._paths(spec, agent)
+        keep = self.node.config.capsules.keep_builds
 
-        def write() -> None:  # four fsyncs: off the event loop
+        def write() -> None:  # five fsyncs: off the event loop
             private_dir(self.dir)
             for md in (latest, dated):
                 private_dir(md.parent)
                 write_private(md, text.encode())
                 write_private(md.with_suffix(".json"), sidecar)
+            private_dir(build.parent)
+            write_private(build, text.encode())
+            for old in sorted(build.parent.glob("*.md"))[:-keep]:
+                old.unlink(missing_ok=True)
 
         await asyncio.to_thread(write)
         key = spec.name if not agent else f"{spec.name}:{agent.name}"
         self.built_at[key] = time.time()
         await self.node.emit("charter.capsules.built", {"capsule": key, "path": str(latest), "seq_to": seq_to,
                                                          "content_sha256": meta["content_sha256"]})
-        return {"capsule": key, "path": str(latest), "history": str(dated), "meta": meta, "markdown": text}
+        return {"capsule": key, "path": str(latest), "history": str(dated), "build": str(build), "meta": meta,
+                "markdown": text}
 
     async def context(self, which: str, agent: AgentRecord, max_age: float = 60.0) -> str:
-        """A capsule's Markdown body for injection as a system message; rebuilt when older than `max_age`."""
+        """A capsule's Markdown body for injection as a system message; rebuilt when older than `max_age`.
+
+        `which` is "agent" (the caller's own capsule) or a spec name; a per-agent spec is built for
+        the caller, so an agent never gets another agent's view."""
         name = "AGENT" if which == "agent" else which
-        key = f"AGENT:{agent.name}" if name == "AGENT" else name
-        latest = self._paths(self.specs[name], agent if name == "AGENT" else None)[0]
+        spec = self.specs[name]
+        whose = agent if spec.scope == "agent" else None
+        key = f"{name}:{agent.name}" if whose else name
+        latest = self._paths(spec, whose)[0]
         if time.time() - self.built_at.get(key, 0) > max_age or not latest.exists():
-            await self.build(name, agent if name == "AGENT" else None)
+            await self.build(name, whose)
         text = latest.read_text(encoding="utf-8")
         return text.partition("\n---\n\n")[2] if text.startswith("---\n") else text
 
@@ -180,15 +216,18 @@ class CapsuleBuilder:
         out = []
         for md in sorted(self.dir.rglob("*_LATEST.md")) if self.dir.exists() else []:
             st = md.stat()
-            history = sorted((md.parent / md.name.replace("_LATEST.md", "_CAPSULES")).glob("*.md"))
-            out.append({"path": str(md), "name": md.name.removesuffix("_LATEST.md"),
+            folder = md.parent / md.name.replace("_LATEST.md", "_CAPSULES")
+            history = sorted(folder.glob("*.md"))
+            builds = sorted((folder / "builds").glob("*.md"))
+            out.append({"builds": len(builds), "last_build": builds[-1].stem if builds else None,"path": str(md), "name": md.name.removesuffix("_LATEST.md"),
                         "agent": md.parent.name if md.parent.parent.name == "agents" else None,
                         "modified": st.st_mtime, "age_s": round(time.time() - st.st_mtime, 1),
                         "history": [h.stem for h in history]})
         return out
 
     async def run_forever(self) -> None:
-        """Rebuild AI_ALIGNMENT on a schedule and, debounced, after relevant events."""
+        """Rebuild the global capsules (AI_ALIGNMENT, OPS_STATUS and the user's global specs) on a
+        schedule and, debounced, after relevant events."""
         cfg = self.node.config.capsules
         last_seq = self.node.log.head_sync()[0]
         next_due = 0.0
@@ -210,11 +249,11 @@ class CapsuleBuilder:
             now = time.monotonic()
             due = now >= next_due or (dirty_since is not None and now - dirty_since >= cfg.debounce)
             if due:
-                try:
-                    await self.build("AI_ALIGNMENT")
-                    await self.build("OPS_STATUS")
-                except Exception:  # noqa: BLE001 - keep the schedule; the next round retries
-                    log.exception("capsule build failed")
+                for spec in [s for s in self.specs.values() if s.scope == "global"]:
+                    try:
+                        await self.build(spec.name)
+                    except Exception:  # noqa: BLE001 - keep the schedule; the next round retries
+                        log.exception("capsule %s: build failed", spec.name)
                 last_seq = self.node.log.head_sync()[0]  # our own events are not triggers
                 next_due = now + cfg.interval
                 dirty_since = None

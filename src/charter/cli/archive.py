@@ -390,7 +390,7 @@ def export(
     sink = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout  # noqa: SIM115
     n = 0
     try:
-        for ev in events(_archive_dir(), db, q):
+        for ev in events(_archive_dir(), db, q, _bus()):
             sink.write(json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n")
             n += 1
     except ValueError as exc:  # a segment that cannot be read
@@ -425,6 +425,16 @@ def parse_when(text: str, what: str) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp() * 1000)
+
+
+def _bus() -> Any:
+    """The configured bus, so that live events come from the log in use (charter.db or NATS)."""
+    if not state.home.config_path.exists():
+        return None
+    try:
+        return state.home.load_config().bus
+    except CharterError as exc:
+        fail(exc, common.USAGE)
 
 
 def _names(db_path: Path) -> dict[str, str]:
@@ -466,7 +476,7 @@ def log_query(
     q = Query(subject=subject, sender=resolve_sender(db_path, sender) if sender else None,
               since_ms=parse_when(since, "since") if since else None,
               until_ms=parse_when(until, "until") if until else None, text=text)
-    found = events(_archive_dir(), db_path, q)
+    found = events(_archive_dir(), db_path, q, _bus())
     try:
         if limit and first:
             rows: Any = [ev for _, ev in zip(range(limit), found, strict=False)]

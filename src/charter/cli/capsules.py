@@ -74,23 +74,39 @@ def capsule_list(as_json: JsonOpt = False) -> None:
 @capsule_app.command("diff")
 def capsule_diff(
     name: Annotated[str, typer.Argument(help="Capsule name.")] = "AI_ALIGNMENT",
-    against: Annotated[Optional[str], typer.Option(help="A dated build (YYYY-MM-DD); default: the one before the latest.")] = None,
+    agent: Annotated[Optional[str], typer.Option(help="For per-agent capsules: the agent.")] = None,
+    against: Annotated[Optional[str], typer.Option(
+        help="An earlier build: a day (YYYY-MM-DD) or a build stamp from `capsule list --json`; "
+             "default: the build before the latest.")] = None,
 ) -> None:
-    """What changed between the latest capsule and an earlier dated build (unified diff)."""
+    """What changed between the latest capsule and an earlier build (unified diff; exit 0 either way)."""
     base = state.home.root / "capsules"
+    if agent:
+        base = base / "agents" / agent
     latest = base / f"{name}_LATEST.md"
-    history = sorted((base / f"{name}_CAPSULES").glob("*.md"))
+    history = base / f"{name}_CAPSULES"
     if not latest.exists():
-        fail(CharterError("not_found", f"{latest} does not exist; run `charter capsule build {name}`"), common.REFUSED)
+        what = f"{name} --agent {agent}" if agent else name
+        fail(CharterError("not_found", f"{latest} does not exist; run `charter capsule build {what}`", "name"),
+             common.REFUSED)
+    now = latest.read_bytes()
     if against:
-        other = base / f"{name}_CAPSULES" / f"{against}.md"
+        candidates = [history / f"{against}.md", history / "builds" / f"{against}.md"]
+        other = next((c for c in candidates if c.exists()), None)
+        if other is None:
+            days = sorted(p.stem for p in history.glob("*.md"))
+            fail(CharterError("not_found", f"--against {against!r}: no such build of {name}; days kept: "
+                                           f"{', '.join(days[-5:]) or 'none'} (and stamps in `capsule list --json`)",
+                              "against"), common.REFUSED)
     else:
-        older = [h for h in history if h.read_bytes() != latest.read_bytes()]
-        other = older[-1] if older else None
-    if other is None or not other.exists():
-        err.print("No earlier build to compare with.")
+        earlier = [h for h in sorted((history / "builds").glob("*.md")) + sorted(history.glob("*.md"))
+                   if h.read_bytes() != now]
+        builds = [h for h in earlier if h.parent.name == "builds"]
+        other = builds[-1] if builds else (earlier[-1] if earlier else None)
+    if other is None:
+        err.print("No earlier build differs from the latest.")
         return
-    lines = difflib.unified_diff(other.read_text().splitlines(), latest.read_text().splitlines(),
+    lines = difflib.unified_diff(other.read_text().splitlines(), now.decode().splitlines(),
                                  str(other), str(latest), lineterm="")
     for line in lines:
         print(line)

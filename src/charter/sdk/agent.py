@@ -273,9 +273,10 @@ class Agent:
     async def release(self, reservation_id: str) -> dict[str, Any]:
         return await self.http.call("POST", "/v1/agent/budget/release", json={"reservation_id": reservation_id})
 
-    async def capsule(self) -> dict[str, Any]:
-        """This agent's capsule, rebuilt now from what its view allows: `markdown`, `meta`, `path`."""
-        return await self.http.call("GET", "/v1/agent/capsule")
+    async def capsule(self, name: str = "AGENT") -> dict[str, Any]:
+        """This agent's capsule (or another per-agent spec), rebuilt now from what its view allows:
+        `markdown`, `meta`, `path`."""
+        return await self.http.call("GET", "/v1/agent/capsule", params={"name": name})
 
     # -- models ----------------------------------------------------------------------------
 

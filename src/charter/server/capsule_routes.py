@@ -23,11 +23,15 @@ def _json(body: Any, status: int = 200) -> Response:
 
 def add_capsule_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth) -> None:
     @app.get("/v1/agent/capsule", tags=["capsules"], summary="The caller's own capsule, limited to its view")
-    async def my_capsule(request: Request) -> Response:
+    async def my_capsule(request: Request, name: str = "AGENT") -> Response:
         who = await caller(request)
         if who.id == "operator":
             raise CharterError(BAD_REQUEST, "the operator's capsule is AI_ALIGNMENT: GET /v1/admin/capsules/show", "agent")
-        return _json(await node.capsules.build("AGENT", who))
+        spec = node.capsules.specs.get(name)
+        if spec is None or spec.scope != "agent":  # a global capsule shows more than the agent's view
+            per_agent = sorted(n for n, s in node.capsules.specs.items() if s.scope == "agent")
+            raise CharterError(NOT_FOUND, f"no per-agent capsule {name!r}; yours: {', '.join(per_agent)}", "name")
+        return _json(await node.capsules.build(name, who))
 
     @app.get("/v1/admin/capsules", tags=["capsules"], summary="Capsules on disk and how old they are")
     async def capsules(request: Request) -> Response:
