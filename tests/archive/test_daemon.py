@@ -150,6 +150,53 @@ def test_operator_api_and_cli_through_the_daemon(tmp_path: Path) -> None:
     assert status.returncode == 0 and "checkpoint" in status.stdout
 
 
+def test_log_query_filters_span_the_archive_and_the_live_log(tmp_path: Path) -> None:
+    """--sender (by name), --text, --since/--until and --first/--limit, on events of which the
+    older half is sealed in the archive and the newer half only in charter.db."""
+    home = make_home(tmp_path / "home")
+    configure(home, seal_interval="1h")
+    daemon = start_daemon(home)
+    try:
+        async def traffic() -> dict:
+            alpha, bravo = await daemon.enroll("alpha", "worker"), await daemon.enroll("bravo", "worker")
+            old = [await alpha.publish("agents.alpha.notes", {"n": i, "note": f"old-{i}"}) for i in range(3)]
+            await bravo.publish("agents.bravo.notes", {"note": "Needle in bravo's old hay"})
+            await daemon.admin("POST", "/v1/admin/archive/seal", json={})
+            await asyncio.sleep(0.05)
+            split = int(time.time() * 1000)
+            await asyncio.sleep(0.05)
+            new = [await alpha.publish("agents.alpha.notes", {"n": i, "note": f"new-{i}"}) for i in range(3)]
+            await bravo.publish("agents.bravo.notes", {"note": "a NEEDLE in bravo's new hay"})
+            await alpha.close()
+            await bravo.close()
+            return {"old": [r["seq"] for r in old], "new": [r["seq"] for r in new], "split": split}
+
+        seqs = asyncio.run(traffic())
+    finally:
+        stop(home)
+
+    def query(*args: str) -> list[dict]:
+        done = cli(home, "log", "query", *args, "--json")
+        assert done.returncode == 0, done.stderr
+        return [json.loads(x) for x in done.stdout.splitlines()]
+
+    alpha = query("--sender", "alpha", "--subject", "agents.>")
+    assert [(e["seq"], e["source"]) for e in alpha] == \
+        [(s, "archive") for s in seqs["old"]] + [(s, "live") for s in seqs["new"]]
+    needles = query("--text", "needle")  # case-insensitive, both sides
+    assert [e["envelope"]["payload"]["note"] for e in needles] == ["Needle in bravo's old hay", "a NEEDLE in bravo's new hay"]
+    assert [e["source"] for e in needles] == ["archive", "live"]
+    before = query("--sender", "alpha", "--until", str(seqs["split"]))
+    assert [e["seq"] for e in before] == seqs["old"]
+    after = query("--sender", "alpha", "--since", str(seqs["split"]), "--subject", "agents.alpha.notes")
+    assert [e["seq"] for e in after] == seqs["new"]
+    assert [e["seq"] for e in query("--sender", "alpha", "--subject", "agents.>", "--limit", "2")] == seqs["new"][-2:]
+    assert [e["seq"] for e in query("--sender", "alpha", "--subject", "agents.>", "--limit", "2", "--first")] == seqs["old"][:2]
+    assert query("--sender", "nobody-by-that-name") == []
+    text = cli(home, "log", "query", "--sender", "bravo")
+    assert text.returncode == 0 and text.stdout.count("agents.bravo.notes") == 2 and "bravo" in text.stdout
+
+
 def test_cli_exit_codes_without_a_daemon(tmp_path: Path) -> None:
     home = make_home(tmp_path / "home")
     assert cli(home, "archive", "verify").returncode == 0  # nothing archived yet: nothing wrong
