@@ -2,7 +2,9 @@
 
 Playwright's own browser downloads are never used: `make test` installs Debian's `chromium` when it
 is missing (as root with apt-get). Without it these tests skip with the reason, except under
-CI=true, where they fail. Screenshots go to test-artifacts/dashboard/ (gitignored).
+CI=true, where they fail. Screenshots go to test-artifacts/dashboard/ (gitignored): the ones the
+tests take, and, when a browser test fails, `FAILED-<test>-<n>.png` of each of its tabs as it was
+then, with the tab's console beside it (`.console.txt`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from charter.server.daemon import dashboard_token
-from tests.conftest import start_daemon
+from charter.server.daemon import dashboard_token, stop
+from tests.conftest import Daemon, make_home, start_daemon
 from tests.gateway.conftest import Fleet, gateway_home, start_fleet, stop_fleet
 
 CHROMIUM = os.environ.get("CHARTER_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -103,6 +105,22 @@ def supervised_fleet(tmp_path: Path) -> Iterator[Fleet]:
     stop_fleet(f)
 
 
+@pytest.fixture
+def unkept_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with truths easy to break from a test: the coordinator role has no budget (so a
+    coordinator, who may act up to T3, is a spender without one), and capsules are not built on a
+    schedule (so AI_ALIGNMENT stays unbuilt until the test builds it)."""
+    home = make_home(tmp_path / "home")
+    text = home.config_path.read_text()
+    role = text.index("[roles.coordinator]")
+    text = text[:role] + re.sub(r"(?m)^budget_usd_per_day = .*\n", "", text[role:], count=1)
+    assert "[capsules]" not in text
+    home.config_path.write_text(text + "\n[capsules]\nenabled = false\n")
+    d = start_daemon(home)
+    yield d
+    stop(home)
+
+
 class Dash:
     """A dashboard tab, logged in with the token `charter up` printed."""
 
@@ -148,18 +166,56 @@ class Dash:
                 and not re.search(r"status of 40[134]", c)]
 
 
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the test, so a fixture's teardown can tell that the test failed."""
+    report: pytest.TestReport = yield
+    item.stash.setdefault(REPORTS, {})[report.when] = report
+    return report
+
+
+def failed(node: pytest.Item) -> bool:
+    return any(r.failed for r in node.stash.get(REPORTS, {}).values())
+
+
+def failure_stem(node: pytest.Item) -> str:
+    return "FAILED-" + re.sub(r"[^\w-]+", "_", node.name)
+
+
+async def shoot_failure(node: pytest.Item, dashes: list[Dash]) -> None:
+    """What each tab showed when the test failed: the screen says more than the assertion does."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    stem = failure_stem(node)
+    for n, d in enumerate(dashes, 1):
+        notes = [d.page.url, *d.console]
+        try:
+            await d.page.screenshot(path=str(ARTIFACTS / f"{stem}-{n}.png"), full_page=True, timeout=10_000)
+        except Exception as exc:  # noqa: BLE001 - a closed or hung page must not hide the test's own failure
+            notes.append(f"(no screenshot: {exc})")
+        (ARTIFACTS / f"{stem}-{n}.console.txt").write_text("\n".join(notes) + "\n")
+
+
 @pytest.fixture
-async def dash_factory(browser: Any) -> AsyncIterator[Any]:
+async def dash_factory(browser: Any, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     contexts: list[Any] = []
+    dashes: list[Dash] = []
+    for old in ARTIFACTS.glob(failure_stem(request.node) + "-*"):  # an earlier run's failure, now stale
+        old.unlink()
 
     async def make(url: str, home: Any) -> Dash:
         ctx = await browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
         contexts.append(ctx)
         token = dashboard_token(home)
         assert token and token.startswith("chd_")
-        return Dash(await ctx.new_page(), url, token)
+        dashes.append(Dash(await ctx.new_page(), url, token))
+        return dashes[-1]
 
     yield make
+    if failed(request.node):
+        await shoot_failure(request.node, dashes)
     for c in contexts:
         await c.close()
 

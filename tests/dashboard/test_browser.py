@@ -7,6 +7,7 @@ Each test keeps screenshots under test-artifacts/dashboard/ (gitignored) for a p
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from charter.errors import CharterError
+from tests.conftest import Daemon
 from tests.dashboard.conftest import CuttableProxy, Dash
 from tests.gateway.conftest import Fleet
 
@@ -236,6 +238,73 @@ async def test_a_service_goes_down_live_and_its_circuit_opens(supervised_fleet: 
     await dash.shot("13-overview-service-down")
     assert await page.evaluate("window.__sameDocument === true")
     assert dash.errors() == []
+
+
+async def test_contradictions_capsule_freshness_and_the_archive_move_on_screen(unkept_daemon: Daemon,
+                                                                                 dash_factory: Any) -> None:
+    """The overview's reflection, capsule and archive panels and the archive view show real values,
+    and follow what the operator does without a reload: a contradiction raised by the reflector
+    goes away once fixed, a capsule build shows its time, a seal shows its segment and checkpoint."""
+    d = unkept_daemon
+    boss = await d.enroll("boss", "coordinator")  # may act up to T3; its role has no budget here
+    dash: Dash = await dash_factory(d.url, d.home)
+    page = dash.page
+    try:
+        await dash.open()
+        reflect, capsules, archive = page.locator("#card-reflect"), page.locator("#card-capsules"), page.locator("#card-archive")
+        unbudgeted = reflect.locator("li[data-truth='spenders-budgeted']").filter(has_text="agent boss")
+        unbuilt = reflect.locator("li[data-truth='capsule-fresh']")
+        await unbudgeted.wait_for()
+        await unbuilt.wait_for()
+        assert "no USD budget" in await unbudgeted.inner_text()
+        assert await unbudgeted.get_attribute("data-severity") == "warning"
+        await page.locator("#card-capsules[data-state='unknown']").wait_for()
+        assert "AI_ALIGNMENT built never" in await capsules.inner_text()
+        await page.locator("#card-archive[data-segments='0'][data-archived-seq='0']").wait_for()
+        await page.evaluate("window.__sameDocument = true")
+        await dash.shot("15-overview-contradictions")
+
+        # The operator gives boss a budget: the reflector no longer finds the contradiction.
+        await d.admin("PUT", "/v1/admin/budget", json={"scope": "agent:boss", "unit": "usd", "period": "day", "limit": 2})
+        await unbudgeted.wait_for(state="detached", timeout=10_000)
+        resolved = await d.admin("GET", "/v1/events", params={"pattern": "charter.reflect.resolved"})
+        assert any(e["envelope"]["payload"]["truth"] == "spenders-budgeted" for e in resolved["events"])
+
+        # A capsule build: the freshness panel shows when, and that contradiction goes too.
+        await d.admin("POST", "/v1/admin/capsules/build", json={"name": "AI_ALIGNMENT"})
+        fresh = page.locator("#card-capsules[data-state='fresh']")
+        await fresh.wait_for(timeout=10_000)
+        built_at = (await d.admin("GET", "/v1/admin/capsules"))["freshness"]["built_at"]
+        assert built_at and float(await fresh.get_attribute("data-built-at")) == pytest.approx(built_at)
+        assert re.search(r"AI_ALIGNMENT built (just now|\d+s ago) \(max age 1h 0m\)", await fresh.inner_text())
+        await fresh.locator("tr[data-capsule='AI_ALIGNMENT']").wait_for()
+        await unbuilt.wait_for(state="detached", timeout=10_000)
+        assert await reflect.locator("li[data-truth='spenders-budgeted'], li[data-truth='capsule-fresh']").count() == 0
+        await dash.shot("16-overview-contradictions-resolved")
+
+        # Seal the log: a segment and a signed checkpoint, on the overview and in the archive view.
+        sealed = await d.admin("POST", "/v1/admin/archive/seal")
+        assert sealed["sealed"] and sealed["checkpoint"]
+        upto = sealed["archived_seq"]
+        await page.locator(f"#card-archive[data-segments='1'][data-archived-seq='{upto}']").wait_for(timeout=10_000)
+        assert int(await archive.get_attribute("data-checkpoints")) >= 1
+        report = await d.admin("POST", "/v1/admin/archive/verify")
+        assert report["ok"], report
+        await archive.get_by_role("link", name="details →").click()
+        await dash.until("() => location.hash === '#/archive'")
+        view = page.locator("#main #card-archive[data-verified='yes']")
+        await view.wait_for()
+        assert await view.get_attribute("data-segments") == "1"
+        assert int(await view.get_attribute("data-checkpoints")) >= 1
+        text = await view.inner_text()
+        assert f"up to #{upto} of #" in text and "verified" in text
+        everything = await page.locator("#main").inner_text()
+        assert f"archived_seq\n{upto}" in everything and "segments\n1" in everything
+        await dash.shot("17-archive-sealed", full_page=True)
+        assert await page.evaluate("window.__sameDocument === true"), "the page was reloaded"
+        assert dash.errors() == []
+    finally:
+        await boss.close()
 
 
 async def test_a_wrong_token_gets_401_and_the_login_prompt(fleet: Fleet, dash_factory: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,7 +19,9 @@ from tests.gateway.conftest import Fleet
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-PRIMARY, BACKUP = "primary/llama3.2:3b", "backup/qwen2.5:0.5b"
+PRIMARY = {"backend": "primary", "model": "llama3.2:3b"}
+BACKUP = {"backend": "backup", "model": "qwen2.5:0.5b"}
+NOBODY = {"backend": "", "model": ""}  # a call no backend completed: empty labels, not a made-up backend
 
 
 class Scrape:
@@ -33,6 +37,27 @@ class Scrape:
 
     def has(self, name: str, **labels: str) -> bool:
         return (name, frozenset(labels.items())) in self.samples
+
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS, README = ROOT / "docs" / "dashboard.md", ROOT / "README.md"
+
+
+def documented_families() -> set[str]:
+    """The family names in docs/dashboard.md's metrics table, which must name every one exported."""
+    section = DOCS.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"(?m)^\| `(charter_\w+)` \|", section))
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `GET /metrics`"))
+    assert names == set(re.findall(r"`(charter_\w+)`", row)), "README's /metrics row and docs/dashboard.md differ"
+    return names
+
+
+def exported_families(m: Scrape) -> set[str]:
+    """The families in a scrape, less the `_created` series prometheus_client adds to its own counters."""
+    types = set(re.findall(r"(?m)^# TYPE (\S+) ", m.text))
+    created = {t for t in types if t.endswith("_created")
+               and {t.removesuffix("_created"), t.removesuffix("_created") + "_total"} & types}
+    return types - created
 
 
 async def scrape(url: str) -> Scrape:
@@ -64,6 +89,7 @@ async def test_metrics_move_as_things_happen(supervised_fleet: Fleet) -> None:
         assert m0.get("charter_gateway_circuit_state", backend="primary") == 0
         assert m0.get("charter_approvals_pending") == 0
         assert m0.get("charter_log_head_seq") >= 1
+        assert exported_families(m0) == documented_families()  # the supervisor's and the archive's included
 
         # The bus: accepted, and refused by code.
         await alpha.publish("agents.alpha.status", {"ok": True})
@@ -84,14 +110,17 @@ async def test_metrics_move_as_things_happen(supervised_fleet: Fleet) -> None:
             assert m1.get(bus, result="refused", code=code) == m0.get(bus, result="refused", code=code) + 1, code
         assert m1.get("charter_log_head_seq") > m0.get("charter_log_head_seq")
 
-        # The gateway: requests and latency by the backend that answered.
+        # The gateway: requests and latency by the backend and model that answered, labelled apart,
+        # the backend with the same value as its circuit's.
         await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
         m2 = await scrape(url)
-        assert m2.get("charter_gateway_requests_total", backend=PRIMARY, outcome="ok") == \
-            m1.get("charter_gateway_requests_total", backend=PRIMARY, outcome="ok") + 1
-        assert m2.get("charter_gateway_latency_seconds_count", backend=PRIMARY) == \
-            m1.get("charter_gateway_latency_seconds_count", backend=PRIMARY) + 1
-        assert m2.get("charter_gateway_latency_seconds_sum", backend=PRIMARY) > 0
+        assert m2.get("charter_gateway_requests_total", **PRIMARY, outcome="ok") == \
+            m1.get("charter_gateway_requests_total", **PRIMARY, outcome="ok") + 1
+        assert m2.get("charter_gateway_latency_seconds_count", **PRIMARY) == \
+            m1.get("charter_gateway_latency_seconds_count", **PRIMARY) + 1
+        assert m2.get("charter_gateway_latency_seconds_sum", **PRIMARY) > 0
+        assert m2.has("charter_gateway_circuit_state", backend=PRIMARY["backend"])
+        assert not [k for k in m2.samples if k[0].startswith("charter_gateway_") and "/" in dict(k[1]).get("backend", "")]
 
         # The primary dies: its circuit opens, its service goes down, calls fall back to the backup.
         f.primary.kill()
@@ -103,13 +132,14 @@ async def test_metrics_move_as_things_happen(supervised_fleet: Fleet) -> None:
         answer = await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content
         m4 = await scrape(url)
-        assert m4.get("charter_gateway_requests_total", backend=BACKUP, outcome="ok") == \
-            m3.get("charter_gateway_requests_total", backend=BACKUP, outcome="ok") + 1
+        assert m4.get("charter_gateway_requests_total", **BACKUP, outcome="ok") == \
+            m3.get("charter_gateway_requests_total", **BACKUP, outcome="ok") + 1
         fallbacks = {k: v for k, v in m4.samples.items() if k[0] == "charter_gateway_fallbacks_total"
                      and dict(k[1]).get("backend") == "primary"}
         before = sum(v for k, v in m3.samples.items() if k[0] == "charter_gateway_fallbacks_total"
                      and dict(k[1]).get("backend") == "primary")
         assert sum(fallbacks.values()) == before + 1, fallbacks
+        assert {dict(k[1])["model"] for k in fallbacks} == {"llama3.2:3b"}
 
         # Budgets: what a settled paid call used comes off what is left.
         scope = {"scope": "agent:alpha", "unit": "usd", "period": "day"}
@@ -137,26 +167,51 @@ async def test_metrics_move_as_things_happen(supervised_fleet: Fleet) -> None:
         await d.admin("POST", "/v1/admin/agents/alpha/suspend", json={"reason": "metrics test"})
         m8 = await scrape(url)
         assert m8.get("charter_agents", status="suspended") == 1 and m8.get("charter_agents", status="active") == 1
+
+        # Both backends down: a call on an alias without degraded mode fails on every rung. It counts
+        # as an error with no backend, and each rung's failure as a fallback of its own backend.
+        f.backup.kill()
+        owl = await d.enroll("owl", "worker")  # alpha is suspended now
+        strict = openai.AsyncOpenAI(base_url=owl.openai_base_url, api_key=owl.api_key, max_retries=0)
+        try:
+            with pytest.raises(openai.APIStatusError):
+                await strict.chat.completions.create(model="strict", messages=[{"role": "user", "content": "hi"}])
+        finally:
+            await strict.close()
+            await owl.close()
+        m9 = await scrape(url)
+        assert m9.get("charter_gateway_requests_total", **NOBODY, outcome="error") == \
+            m8.get("charter_gateway_requests_total", **NOBODY, outcome="error") + 1
+        assert m9.get("charter_gateway_latency_seconds_count", **NOBODY) == \
+            m8.get("charter_gateway_latency_seconds_count", **NOBODY) + 1
+        assert not [k for k in m9.samples if k[0].startswith("charter_gateway_") and dict(k[1]).get("backend") == "none"]
+        backup_falls = sum(v for k, v in m9.samples.items() if k[0] == "charter_gateway_fallbacks_total"
+                           and dict(k[1]).get("backend") == "backup" and dict(k[1]).get("model") == "qwen2.5:0.5b")
+        assert backup_falls >= 1
+        assert m9.get("charter_gateway_requests_total", **BACKUP, outcome="ok") == \
+            m8.get("charter_gateway_requests_total", **BACKUP, outcome="ok")
+        assert exported_families(m9) == documented_families()
     finally:
         await client.close()
         await alpha.close()
         await boss.close()
 
 
-async def test_archive_lag_moves_when_the_log_is_sealed(daemon) -> None:
-    import aiohttp
-
-    async def lag() -> float:
-        async with aiohttp.ClientSession() as s, s.get(daemon.url + "/metrics") as r:
-            text = await r.text()
-        line = next(ln for ln in text.splitlines() if ln.startswith("charter_archive_lag_entries "))
-        return float(line.split()[1])
-
+async def test_archive_lag_and_verification_move_when_the_log_is_sealed_and_verified(daemon) -> None:
     alpha = await daemon.enroll("alpha", "worker")
-    for i in range(5):
-        await alpha.publish("agents.alpha.n", {"i": i})
-    before = await lag()
-    assert before >= 5
-    await daemon.admin("POST", "/v1/admin/archive/seal")
-    assert await lag() < before
-    await alpha.close()
+    try:
+        for i in range(5):
+            await alpha.publish("agents.alpha.n", {"i": i})
+        m0 = await scrape(daemon.url)
+        assert m0.get("charter_archive_lag_entries") >= 5
+        assert m0.get("charter_archive_verified") == 0  # not verified since the daemon started
+        await daemon.admin("POST", "/v1/admin/archive/seal")
+        m1 = await scrape(daemon.url)
+        assert m1.get("charter_archive_lag_entries") < m0.get("charter_archive_lag_entries")
+        assert m1.get("charter_archive_lag_entries") == \
+            m1.get("charter_log_head_seq") - (await daemon.admin("GET", "/v1/admin/archive/status"))["archived_seq"]
+        assert (await daemon.admin("POST", "/v1/admin/archive/verify"))["ok"]
+        m2 = await scrape(daemon.url)
+        assert m2.get("charter_archive_verified") == 1
+    finally:
+        await alpha.close()

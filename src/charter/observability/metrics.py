@@ -1,8 +1,8 @@
 """Prometheus metrics at `/metrics`.
 
 Most values are read from the parts at scrape time (a custom collector), so the hot paths pay
-nothing: bus accept/refuse counters, circuit states, budgets used and left. Only the gateway's
-per-call latency is observed as it happens.
+nothing: bus accept/refuse counters, circuit states, budgets used and left, archive lag. Only the
+gateway's per-call counters and latency are recorded as calls finish.
 """
 
 from __future__ import annotations
@@ -87,26 +87,39 @@ class _NodeCollector(Collector):
             yield from extra()
 
 
+def split_ref(ref: str | None) -> tuple[str, str]:
+    """`backend/model` as two labels, so every gateway family shares the circuit's `backend` values
+    (a model name may itself hold a slash; `degraded` has no model)."""
+    backend, _, model = (ref or "").partition("/")
+    return backend, model
+
+
 class Metrics:
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_NodeCollector(node))
-        self.gateway_requests = Counter("charter_gateway_requests", "Gateway calls by backend that answered and outcome",
-                                        ["backend", "outcome"], registry=self.registry)
-        self.gateway_fallbacks = Counter("charter_gateway_fallbacks", "Rungs skipped or failed, by backend and why",
-                                         ["backend", "reason"], registry=self.registry)
-        self.gateway_latency = Histogram("charter_gateway_latency_seconds", "Gateway call latency by backend",
-                                         ["backend"], registry=self.registry,
+        self.gateway_requests = Counter(
+            "charter_gateway_requests",
+            "Gateway calls by the backend and model that answered, and outcome (error: none completed the call)",
+            ["backend", "model", "outcome"], registry=self.registry)
+        self.gateway_fallbacks = Counter("charter_gateway_fallbacks", "Rungs skipped or failed, by backend, model and why",
+                                         ["backend", "model", "reason"], registry=self.registry)
+        self.gateway_latency = Histogram("charter_gateway_latency_seconds",
+                                         "Gateway call latency by the backend and model that answered",
+                                         ["backend", "model"], registry=self.registry,
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def call(self, backend: str | None, ok: bool, seconds: float, attempts: list[dict[str, Any]]) -> None:
-        b = backend or "none"
-        self.gateway_requests.labels(b, "ok" if ok else "error").inc()
-        self.gateway_latency.labels(b).observe(seconds)
+    def call(self, ref: str | None, ok: bool, seconds: float, attempts: list[dict[str, Any]]) -> None:
+        """One finished gateway call. `ref` is the `backend/model` that answered; a call that no
+        backend completed has none, and counts as `outcome="error"` with empty backend and model
+        (Prometheus reads an empty label as absent) rather than under an invented backend."""
+        backend, model = split_ref(ref)
+        self.gateway_requests.labels(backend, model, "ok" if ok else "error").inc()
+        self.gateway_latency.labels(backend, model).observe(seconds)
         for a in attempts:
             if a.get("outcome") != "ok":
                 reason = str(a.get("reason", "")).split(":", 1)[0].split(" (", 1)[0][:40]
-                self.gateway_fallbacks.labels(str(a.get("ref", "")).split("/", 1)[0], reason).inc()
+                self.gateway_fallbacks.labels(*split_ref(str(a.get("ref", ""))), reason).inc()

@@ -10,7 +10,10 @@
   const TOKEN_KEY = "charter.dashboard.token";
   const EVENT_BUFFER = 1000;
   const REFRESH_MS = 5000;
-  const REFLECT_MS = 30000;
+  const REFLECT_MS = 30000;      // reflection runs every truth: at most this stale when nothing happens...
+  const REFLECT_SOON_MS = 1000;  // ...and rechecked this soon after an event that may change a truth
+  // events that may raise or resolve a contradiction (see src/charter/reflect/truths.py)
+  const REFLECT_ON = /^charter\.(agents|budget|capsules|archive|services|health|supervisor|approvals|decisions|models\.health|reflect)\./;
   const REFUSED = "The daemon refused this token (401). Each daemon start makes a new one: run \u201ccharter dashboard\u201d for a fresh link.";
 
   const S = {
@@ -28,9 +31,11 @@
     pending: 0,
     reflect: null,
     reflectAt: 0,
+    reflectDirty: false,
     renderGen: 0,
     refreshTimer: null,
     soonTimer: null,
+    reflectTimer: null,
     busy: false,
   };
 
@@ -386,6 +391,7 @@
     const subj = String(env.subject || "");
     if (subj.startsWith("charter.agents.")) loadAgents().catch(() => {});
     if (subj.startsWith("charter.approvals.") || subj.startsWith("charter.decisions.")) updatePending();
+    if (REFLECT_ON.test(subj)) S.reflectDirty = true;
     const affects = {
       overview: /^charter\./,
       agents: /^charter\.(agents|budget)\./,
@@ -497,9 +503,14 @@
       optional("services", ["/v1/admin/services"]),
       optional("archive", ["/v1/admin/archive/status", "/v1/admin/archive"]),
     ]);
-    if (Date.now() - S.reflectAt > REFLECT_MS) {
+    const sinceReflect = Date.now() - S.reflectAt;
+    if (sinceReflect > REFLECT_MS || (S.reflectDirty && sinceReflect > REFLECT_SOON_MS)) {
       S.reflectAt = Date.now();
+      S.reflectDirty = false;
       S.reflect = await api("/v1/admin/reflect", { quiet404: true }).catch(() => null);
+    } else if (S.reflectDirty) {
+      clearTimeout(S.reflectTimer);  // a burst of events: one more check once the pause is over
+      S.reflectTimer = setTimeout(() => { if (S.view === "overview") refreshSoon(); }, REFLECT_SOON_MS - sinceReflect + 50);
     }
     showDaemon(status);
     setPending(approvals.approvals.length);
@@ -583,23 +594,30 @@
     const f = c.freshness || {};
     const age = f.built_at ? Date.now() / 1000 - f.built_at : null;
     const fresh = age !== null && (!f.max_age_s || age <= f.max_age_s);
-    return h("section", { class: "card", id: "card-capsules", "aria-labelledby": "h-capsules" },
+    const state = age === null ? "unknown" : fresh ? "fresh" : "stale";
+    return h("section", { class: "card", id: "card-capsules", "aria-labelledby": "h-capsules",
+      dataset: { state, builtAt: f.built_at ?? "" } },
       h("h2", { id: "h-capsules" }, "Capsule freshness"),
-      h("p", {}, badge(age === null ? "unknown" : fresh ? "fresh" : "stale"), " AI_ALIGNMENT built ",
+      h("p", {}, badge(state), " AI_ALIGNMENT built ",
         h("b", { text: f.built_at ? ago(f.built_at * 1000) : "never" }),
         f.max_age_s ? h("span", { class: "muted", text: ` (max age ${duration(f.max_age_s)})` }) : null),
       h("table", {}, h("tbody", {}, (c.capsules || []).slice(0, 6).map((x) =>
-        h("tr", {}, h("td", { text: x.agent ? `${x.name} · ${x.agent}` : x.name }), h("td", { class: "muted small", text: ago(x.modified * 1000) }))))));
+        h("tr", { dataset: { capsule: x.agent ? `${x.name}/${x.agent}` : x.name } },
+          h("td", { text: x.agent ? `${x.name} · ${x.agent}` : x.name }), h("td", { class: "muted small", text: ago(x.modified * 1000) }))))));
   }
 
   function reflectCard(r) {
     const list = r.contradictions || [];
-    return h("section", { class: "card", id: "card-reflect", "aria-labelledby": "h-reflect" },
+    const shown = 6;
+    return h("section", { class: "card", id: "card-reflect", "aria-labelledby": "h-reflect",
+      dataset: { count: list.length, critical: r.critical || 0 } },
       h("h2", { id: "h-reflect" }, "Contradictions"),
       h("p", {}, list.length ? badge(r.critical ? "critical" : "warning", `${list.length} standing${r.critical ? `, ${r.critical} critical` : ""}`) : badge("ok", "none: every truth holds"),
         h("span", { class: "muted small", text: ` checked ${ago((r.checked_at || 0) * 1000)}` })),
-      list.length ? h("ul", { class: "small" }, list.slice(0, 5).map((c) =>
-        h("li", {}, badge(c.severity === "critical" ? "critical" : "warning", c.severity), " ", h("b", { text: c.truth }), ": ", c.evidence))) : null);
+      list.length ? h("ul", { class: "small" }, list.slice(0, shown).map((c) =>
+        h("li", { dataset: { truth: c.truth, severity: c.severity }, title: c.fix ? `fix: ${c.fix}` : null },
+          badge(c.severity === "critical" ? "critical" : "warning", c.severity), " ", h("b", { text: c.truth }), ": ", c.evidence))) : null,
+      list.length > shown ? h("p", { class: "muted small", text: `and ${list.length - shown} more: charter reflect` }) : null);
   }
 
   function daemonCard(st) {
@@ -669,7 +687,7 @@
     return out;
   }
 
-  function archiveCard(data) {
+  function archiveCard(data, inView = false) {
     const known = data && "archived_seq" in data;
     const body = [];
     if (data.__error) body.push(h("p", { class: "error", text: data.__error }));
@@ -679,7 +697,7 @@
       body.push(h("p", {}, badge(data.enabled === false ? "disabled" : verdict), data.first_bad_seq ? h("span", { class: "error", text: ` first bad seq #${data.first_bad_seq}` }) : null));
       body.push(h("dl", { class: "kv" },
         h("dt", { text: "archived" }), h("dd", { text: `up to #${data.archived_seq || 0} of #${data.head_seq ?? "?"}` }),
-        h("dt", { text: "lag" }), h("dd", { text: lag === null ? "—" : `${lag} entries` }),
+        h("dt", { text: "lag" }), h("dd", { text: lag === null ? "—" : `${lag} ${lag === 1 ? "entry" : "entries"}` }),
         h("dt", { text: "segments" }), h("dd", { text: String(data.segments ?? "—") }),
         h("dt", { text: "checkpoints" }), h("dd", { text: String(data.checkpoints ?? "—") }),
         h("dt", { text: "verified" }), h("dd", { text: data.verified_at ? ago(tsMs(data.verified_at)) : "never" }),
@@ -690,8 +708,10 @@
       body.push(h("dl", { class: "kv" }, flatten(data).slice(0, 14).map(([k, v]) => [h("dt", { text: k.replace(/_/g, " ") }),
         h("dd", { class: "small", text: typeof v === "object" ? preview(v, 80) : String(v) })])));
     }
-    return h("section", { class: "card", id: "card-archive", "aria-labelledby": "h-archive" },
-      h("h2", { id: "h-archive" }, "Archive", h("a", { href: "#/archive", text: "details →" })), body);
+    const facts = known ? { archivedSeq: data.archived_seq || 0, segments: data.segments ?? "", checkpoints: data.checkpoints ?? "",
+      verified: data.verified === true ? "yes" : data.verified === false ? "no" : "unknown" } : {};
+    return h("section", { class: "card", id: "card-archive", "aria-labelledby": "h-archive", dataset: facts },
+      h("h2", { id: "h-archive" }, "Archive", inView ? null : h("a", { href: "#/archive", text: "details →" })), body);
   }
 
   function tsMs(v) {
@@ -704,7 +724,7 @@
     const data = await optional("archive", ["/v1/admin/archive/status", "/v1/admin/archive"]);
     if (!data) return h("div", {}, head("Archive"), h("p", { class: "empty", text: "This daemon has no archivist." }));
     const rows = flatten(data);
-    return h("div", { class: "stack" }, head("Archive", "Sealed segments, verification and sync"), archiveCard(data),
+    return h("div", { class: "stack" }, head("Archive", "Sealed segments, verification and sync"), archiveCard(data, true),
       h("section", { class: "card" }, h("h2", { text: "Everything the archivist reports" }), h("dl", { class: "kv" }, rows.map(([k, v]) => [h("dt", { text: k }), h("dd", { class: "mono", text: typeof v === "object" ? JSON.stringify(v) : String(v) })]))));
   }
 
