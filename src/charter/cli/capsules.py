@@ -112,8 +112,15 @@ def capsule_diff(
         print(line)
 
 
-def reflect_command(as_json: JsonOpt = False) -> None:
+reflect_app = typer.Typer(help="Check every declared truth against the live system; exit 6 while a critical "
+                                "contradiction stands.", invoke_without_command=True)
+
+
+@reflect_app.callback()
+def reflect_command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Check every declared truth against the live system; exit 6 while a critical contradiction stands."""
+    if ctx.invoked_subcommand is not None:
+        return
     data = run(lambda: _admin("GET", "/v1/admin/reflect"))
     if as_json:
         emit_json(data)
@@ -130,3 +137,23 @@ def reflect_command(as_json: JsonOpt = False) -> None:
 
 
 
+
+
+@reflect_app.command("ack")
+def reflect_ack(
+    seq: Annotated[int, typer.Argument(help="The log sequence number of the T3 action (the contradiction's evidence).", min=1)],
+    note: Annotated[str, typer.Option("--note", help="Why it is acceptable; kept in the log.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Acknowledge a T3 action that ran without a valid approval (an operator-signed event).
+
+    A later approval cannot clear it, since the action already ran; revoke the agent instead when
+    it was not expected."""
+    if not note.strip():
+        fail(CharterError("bad_request", "--note is empty: say why the action is acknowledged (it stays in the log)",
+                          "note"), common.USAGE)
+    data = run(lambda: _admin("POST", "/v1/admin/reflect/ack", json={"seq": seq, "note": note}))
+    if as_json:
+        emit_json(data)
+    else:
+        out.print(f"acknowledged the T3 action at seq {data['acknowledged']} (event seq {data['event_seq']})")

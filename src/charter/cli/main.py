@@ -57,7 +57,7 @@ from charter.cli.archive import add_log_commands, archive_app  # noqa: E402
 app.add_typer(archive_app, name="archive")
 add_log_commands(log_app)  # `charter log query`: archived and live events together
 
-from charter.cli.capsules import capsule_app, reflect_command  # noqa: E402
+from charter.cli.capsules import capsule_app, reflect_app  # noqa: E402
 
 app.add_typer(capsule_app, name="capsule")
 
@@ -70,7 +70,7 @@ app.command("migrate")(migrate_command)
 from charter.cli.mcp import mcp_app  # noqa: E402
 
 app.add_typer(mcp_app, name="mcp")
-app.command("reflect")(reflect_command)
+app.add_typer(reflect_app, name="reflect")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 CredsOpt = Annotated[Path, typer.Option("--creds", help="The agent's credentials file (from `charter enroll`).")]

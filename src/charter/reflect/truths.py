@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,27 +37,64 @@ def agents_are_bound(state: dict[str, Any]) -> list[str]:
     out = []
     for a in _active(state):
         missing = [what for what, ok in (
-            ("a sandbox", bool((a.get("sandbox") or {}).get("path"))),
-            ("a scoped view", bool((a.get("scopes") or {}).get("publish") or (a.get("scopes") or {}).get("subscribe"))),
-            ("a policy binding", bool((a.get("policy") or {}).get("hash"))),
+            ("sandbox", bool((a.get("sandbox") or {}).get("path"))),
+            ("scoped view", bool((a.get("scopes") or {}).get("publish") or (a.get("scopes") or {}).get("subscribe"))),
+            ("policy binding", bool((a.get("policy") or {}).get("hash"))),
         ) if not ok]
         if missing:
             out.append(f"agent {a['name']} has no {' and no '.join(missing)}")
-        elif not state.get("_sandbox_exists", {}).get(a["id"], True):
+            continue
+        if not state.get("_sandbox_exists", {}).get(a["id"], True):
             out.append(f"agent {a['name']}'s sandbox directory {a['sandbox']['path']} is missing")
+        if not state.get("_policy_known", {}).get(a["id"], True):  # governance would deny it everything
+            out.append(f"agent {a['name']}'s policy binding ({a['policy'].get('id')} "
+                       f"sha256:{str(a['policy']['hash'])[:12]}) names a policy not known here")
     return out
 
 
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def _server(backend: dict[str, Any]) -> str:
+    """Where a backend runs (host:port): two backend names on one server fail together."""
+    url = backend.get("url") or ""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        host, port = "", None
+    if not host:
+        return f"backend {backend['backend']}"
+    return f"{'loopback' if host in _LOOPBACK else host}:{port}"
+
+
 def aliases_fall_back(state: dict[str, Any]) -> list[str]:
+    """A fallback is another server, or degraded mode: a second model on the same server is not one.
+
+    An alias whose models span several servers must have at least two of them reachable (circuit
+    closed), so one server going down leaves a real answer; an alias on one server has degraded
+    mode as its only fallback, which the second half (ends in degraded) checks.
+    """
     models = state.get("models") or {}
-    health = {b["backend"]: b for b in models.get("backends", [])}
+    backends = {b["backend"]: b for b in models.get("backends", [])}
     out = []
     for alias, chain in (models.get("aliases") or {}).items():
         if chain[-1] != "degraded":
             out.append(f"alias {alias} does not end in degraded mode: {' -> '.join(chain)}")
-        live = [r for r in chain if r != "degraded" and (health.get(r.split("/", 1)[0]) or {}).get("state") == "closed"]
-        if len([r for r in chain if r != "degraded"]) > 1 and len(live) < 2:
-            out.append(f"alias {alias} has no reachable fallback: {len(live)} of its backends are up")
+        servers: dict[str, bool] = {}  # server -> reachable, in chain order
+        for ref in chain:
+            if ref == "degraded":
+                continue
+            b = backends.get(ref.split("/", 1)[0]) or {"backend": ref.split("/", 1)[0]}
+            server = _server(b)
+            servers[server] = servers.get(server, False) or b.get("state") == "closed"
+        live = [s for s, up in servers.items() if up]
+        if len(servers) > 1 and len(live) < 2:
+            out.append(f"alias {alias} has no reachable fallback: {len(live)} of its {len(servers)} servers "
+                       f"({', '.join(servers)}) are up")
+        elif len(servers) == 1 and chain[-1] != "degraded":
+            out.append(f"alias {alias} has no fallback: all its models are on {next(iter(servers))}")
     return out
 
 
@@ -119,7 +157,8 @@ def capsule_fresh(state: dict[str, Any]) -> list[str]:
 
 
 def t3_needs_approval(state: dict[str, Any]) -> list[str]:
-    return [f"T3 action {d['action']} by {d['agent']} (seq {d['seq']}) ran without an approval"
+    """Findings of the reflector's T3 audit (`engine.T3Audit`); each names the log entry that ran."""
+    return [f"T3 action {d['action']} by {d['agent']} (seq {d['seq']}) ran without a valid approval: {d['why']}"
             for d in state.get("_unapproved_t3", [])]
 
 
@@ -133,7 +172,8 @@ BUILT_IN: list[Truth] = [
     Truth("agents-bound", "Every active agent has a sandbox, a scoped view and a policy binding.", "critical",
           "re-enrol the agent, or renew its charter to rebind it", agents_are_bound),
     Truth("aliases-fall-back", "Every alias has a reachable fallback and ends in degraded mode.", "warning",
-          "add a second backend and `degraded` to the alias in [models.aliases]; check `charter models health`",
+          "end the alias with `degraded` in [models.aliases]; a fallback is a backend on another server (a second "
+          "model on the same server is not one); check `charter models health`",
           aliases_fall_back),
     Truth("spenders-budgeted", "Every agent that can spend has a budget.", "warning",
           "set one: `charter budget set --scope agent:NAME --limit 1`, or give the role budget_usd_per_day",
@@ -147,7 +187,9 @@ BUILT_IN: list[Truth] = [
     Truth("capsule-fresh", "The AI_ALIGNMENT capsule is fresh.", "warning",
           "`charter capsule build`; the daemon rebuilds it on a schedule", capsule_fresh),
     Truth("t3-approved", "No T3 action ran without an approval.", "critical",
-          "investigate the agent; revoke it if the action was not expected", t3_needs_approval),
+          "investigate the agent: revoke it if the action was not expected; if it was, "
+          "`charter reflect ack SEQ --note WHY` (an operator-signed event). Approving afterwards does not "
+          "clear it: the action already ran", t3_needs_approval),
     Truth("charters-current", "No active agent's charter is past expiry.", "warning",
           "`charter agents renew NAME` (operator) or the agent renews itself", charters_current),
 ]

@@ -12,7 +12,7 @@ from charter.encoding import dumps
 from charter.errors import BAD_REQUEST, NOT_FOUND, CharterError
 from charter.identity.registry import AgentRecord
 from charter.node import Node, decode_json_body
-from charter.reflect.engine import reflect
+from charter.reflect.engine import acknowledge, reflect
 
 Auth = Callable[..., Awaitable[AgentRecord]]
 
@@ -63,3 +63,16 @@ def add_capsule_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth) -
     async def reflection(request: Request) -> Response:
         await operator(request)
         return _json(await reflect(node))
+
+    @app.post("/v1/admin/reflect/ack", tags=["reflect"],
+              summary="Acknowledge an unapproved T3 action that ran: {seq, note}; an operator-signed event")
+    async def acknowledge_t3(request: Request) -> Response:
+        body = await request.body()
+        await operator(request, body)
+        data = decode_json_body(body) if body else {}
+        if not isinstance(data, dict):
+            raise CharterError(BAD_REQUEST, "body must be a JSON object {seq, note}", "body")
+        seq = data.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise CharterError(BAD_REQUEST, f"seq must be the log sequence number of the action, got {seq!r}", "seq")
+        return _json(await acknowledge(node, seq, data.get("note", "")), 201)
