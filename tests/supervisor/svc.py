@@ -2,6 +2,7 @@
 
     python tests/supervisor/svc.py --port N [--status 200] [--body ok] [--status-file F]
         [--starts FILE] [--exit-after S] [--delay-listen S] [--spam N] [--detach] [--pidfile F]
+        [--require-port P]
 
 --status-file: the status code is read from this file on every request (tests flip it).
 --starts: a line is appended to FILE each time the process starts (tests count restarts).
@@ -9,12 +10,15 @@
 --delay-listen: sleep before listening (a slow start).
 --spam: print N bytes to stdout at start (log capture and rotation).
 --detach: start a copy in its own session and return at once (a restart command).
+--require-port: at start, connect to 127.0.0.1:P first and exit with code 4 if nothing answers (an app
+    that crashes when its database is not up yet).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +38,7 @@ def main() -> None:
     p.add_argument("--spam", type=int, default=0)
     p.add_argument("--detach", action="store_true")
     p.add_argument("--pidfile")
+    p.add_argument("--require-port", type=int)
     ns = p.parse_args()
     if ns.detach:
         argv = [a for a in sys.argv if a != "--detach"]
@@ -43,6 +48,12 @@ def main() -> None:
     if ns.starts:
         with open(ns.starts, "a") as fh:
             fh.write(f"{os.getpid()} {time.time()}\n")
+    if ns.require_port:
+        try:
+            socket.create_connection(("127.0.0.1", ns.require_port), timeout=2).close()
+        except OSError as exc:
+            print(f"port {ns.require_port} is not up: {exc}", flush=True)
+            sys.exit(4)
     if ns.pidfile:
         with open(ns.pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")

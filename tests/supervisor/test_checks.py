@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -14,29 +15,19 @@ import pytest
 
 from charter.supervisor.checks import (
     CheckContext,
-    parse_launchctl_list,
+    launchd_print_argv,
+    launchd_result,
+    parse_launchctl_print,
     parse_systemctl_show,
     run_check,
 )
+from charter.errors import ConfigError
 from charter.supervisor.specs import parse_service
 from tests.supervisor.conftest import PY, Started, free_port, wait_port
 
 pytestmark = pytest.mark.anyio
 
-LAUNCHCTL_LIST = """{
-\t"StandardOutPath" = "/Users/op/Library/Logs/cloudflared.log";
-\t"LimitLoadToSessionType" = "Aqua";
-\t"Label" = "ai.activemirror.cloudflared";
-\t"OnDemand" = false;
-\t"LastExitStatus" = -15;
-\t"PID" = 4242;
-\t"Program" = "/opt/homebrew/bin/cloudflared";
-\t"ProgramArguments" = (
-\t\t"/opt/homebrew/bin/cloudflared";
-\t\t"tunnel";
-\t);
-};
-"""
+LAUNCHCTL = Path(__file__).with_name("golden") / "launchctl"
 
 
 @pytest.fixture
@@ -139,8 +130,76 @@ async def test_command_exit_code_and_timeout(ctx: CheckContext, tmp_path: Path) 
     assert not r.ok and "not found" in r.detail
 
 
+def launchctl_print(name: str) -> str:
+    return (LAUNCHCTL / name).read_text()
+
+
+def test_launchctl_print_parsing_against_captured_output() -> None:
+    """`launchctl print` output (tests/supervisor/golden/launchctl/): only the service's own keys count,
+    not the `state = active` of its endpoints; the three shapes of `last exit code`; a kill."""
+    agent = parse_launchctl_print(launchctl_print("agent_running.txt"))
+    assert agent == {"state": "running", "pid": 4242, "runs": 3, "last_exit_code": None, "last_signal": 15}
+    daemon = parse_launchctl_print(launchctl_print("daemon_exited.txt"))
+    assert daemon == {"state": "not running", "pid": None, "runs": 12, "last_exit_code": 78, "last_signal": None}
+    periodic = parse_launchctl_print(launchctl_print("periodic_ok.txt"))
+    assert periodic == {"state": "not running", "pid": None, "runs": 58, "last_exit_code": 0, "last_signal": None}
+    killed = parse_launchctl_print(launchctl_print("periodic_killed.txt"))
+    assert killed["last_signal"] == 9 and killed["last_exit_code"] is None and killed["pid"] is None
+    assert parse_launchctl_print("state = not running\n\tlast exit code = (never exited)\n")["last_exit_code"] is None
+
+    r = launchd_result(agent)
+    assert r.ok and r.detail == "running, pid 4242" and r.data["pid"] == 4242
+    r = launchd_result(daemon)
+    assert not r.ok and r.detail == "loaded but not running (state not running, last exit code 78)"
+    assert launchd_result(periodic, running=False).ok
+    assert not launchd_result(periodic).ok  # a KeepAlive job needs a PID
+    r = launchd_result(killed, running=False)
+    assert not r.ok and r.detail == "loaded; last run: signal 9"
+    assert not launchd_result(daemon, running=False).ok
+
+
+def test_launchd_check_commands_follow_the_domain() -> None:
+    assert launchd_print_argv("ai.x", None, 501) == ["launchctl", "print", "gui/501/ai.x"]
+    assert launchd_print_argv("ai.x", "gui", 501) == ["launchctl", "print", "gui/501/ai.x"]
+    assert launchd_print_argv("ai.x", "system", 501) == ["launchctl", "print", "system/ai.x"]
+    assert launchd_print_argv("ai.x", "user", 501) == ["launchctl", "print", "user/501/ai.x"]
+    assert launchd_print_argv("ai.x", "gui/502", 501) == ["launchctl", "print", "gui/502/ai.x"]
+    with pytest.raises(ConfigError, match="domain 'System/0' is not a launchd domain"):
+        parse_service({"label": "ai.x.y", "check": {"kind": "launchd", "domain": "System/0"}}, "services/x.toml:")
+
+
+async def test_launchd_check_runs_launchctl_print_in_the_spec_s_domain(
+        ctx: CheckContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launchctl is not on Linux: a stand-in on PATH records the command the check runs and answers with
+    captured output, so what is run, in which domain, and how its answer and exit status are read is real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_log = tmp_path / "argv.log"
+    stub = bin_dir / "launchctl"
+    stub.write_text(f"""#!/bin/sh
+echo "$@" >> {argv_log}
+case "$2" in
+  system/ai.activemirror.root) cat {LAUNCHCTL / "daemon_exited.txt"} ;;
+  gui/*/ai.activemirror.cloudflared) cat {LAUNCHCTL / "agent_running.txt"} ;;
+  *) echo "Could not find service \"${{2##*/}}\" in domain for port"; exit 113 ;;
+esac
+""")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    daemon = parse_service({"label": "ai.activemirror.root", "check": {"kind": "launchd", "domain": "system"}}, "x")
+    r = await run_check(daemon, ctx)
+    assert not r.ok and "last exit code 78" in r.detail
+    agent = parse_service({"label": "ai.activemirror.cloudflared", "check": {"kind": "launchd"}}, "x")
+    r = await run_check(agent, ctx)
+    assert r.ok and r.data["pid"] == 4242
+    r = await run_check(parse_service({"label": "ai.activemirror.gone", "check": {"kind": "launchd"}}, "x"), ctx)
+    assert not r.ok and f"gui/{os.getuid()}/ai.activemirror.gone is not loaded" in r.detail and "exit 113" in r.detail
+    assert argv_log.read_text().splitlines() == [
+        "print system/ai.activemirror.root", f"print gui/{os.getuid()}/ai.activemirror.cloudflared",
+        f"print gui/{os.getuid()}/ai.activemirror.gone"]
+
+
 async def test_launchd_and_systemd_output_parsing(ctx: CheckContext) -> None:
-    assert parse_launchctl_list(LAUNCHCTL_LIST) == {"LastExitStatus": -15, "PID": 4242}
     info = parse_systemctl_show("LoadState=loaded\nActiveState=failed\nSubState=failed\nMainPID=0\nResult=exit-code\n")
     assert info["ActiveState"] == "failed" and info["Result"] == "exit-code"
     if sys.platform != "darwin" and shutil.which("launchctl") is None:

@@ -90,6 +90,8 @@ def test_list_check_restart_history(daemon_with_services: tuple[Daemon, Path]) -
     assert restarted["restarted"] and restarted["via"] == "charter" and restarted["managed"]["pid"] != pid
     refused = charter(home, "services", "restart", "ai.test.nothing")
     assert refused.returncode == 4 and "no manager" in refused.stderr
+    reset = jcharter(home, "services", "reset", "ai.test.nothing")  # reset-failed: checked again, not restarted
+    assert reset["state"] == "critical" and reset["restart_policy"]["in_window"] == 0 and reset["run_id"]
     missing = charter(home, "services", "check", "ai.nope")
     assert missing.returncode == 4 and "not_found" in missing.stderr
 

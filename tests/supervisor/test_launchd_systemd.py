@@ -19,7 +19,7 @@ import pytest
 
 from charter.config import Home
 from charter.supervisor import install
-from charter.supervisor.checks import CheckContext, launchd_list_argv, run_check, systemd_show_argv
+from charter.supervisor.checks import CheckContext, launchd_print_argv, run_check, systemd_show_argv
 from charter.supervisor.launchers import launchd_kickstart_argv, restart, restart_argv, systemd_restart_argv
 from charter.supervisor.specs import parse_service
 
@@ -59,7 +59,8 @@ def test_install_plans_and_remediation_commands_match_golden() -> None:
     doc = {
         "install": {"darwin": {"path": str(mac.path), "load": mac.load, "unload": mac.unload},
                     "linux": {"path": str(linux.path), "load": linux.load, "unload": linux.unload}},
-        "check": {"launchd": launchd_list_argv("ai.activemirror.cloudflared"),
+        "check": {"launchd": launchd_print_argv("ai.activemirror.cloudflared", None, 501),
+                  "launchd_system": launchd_print_argv("ai.activemirror.root", "system", 501),
                   "systemd_user": systemd_show_argv("ai.mirrordna.agent.service"),
                   "systemd_system": systemd_show_argv("nginx.service", "system")},
         "restart": {"launchd": restart_argv(svc), "launchd_system": restart_argv(daemon),

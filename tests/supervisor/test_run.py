@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,6 +120,41 @@ def test_jailed_agent_cannot_write_outside_its_sandbox(agent_env: Env) -> None:
     assert set(r["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM", "TZ", "CHARTER_CREDS", "CHARTER_AGENT",
                              "CHARTER_AGENT_ID", "CHARTER_SANDBOX", "CHARTER_SERVER", "PROBE_HOME", "PROBE_OUTSIDE", "PROBE_JAILED", "PWD",
                              "LC_CTYPE"}
+
+
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3).close()
+    print("connected")
+except OSError as exc:
+    print("cut", exc.errno)
+"""
+
+
+def test_no_network_jail_cannot_reach_a_server_on_the_host(agent_env: Env) -> None:
+    """`--no-network`: the jailed command cannot connect to a TCP server the test runs on 127.0.0.1 (its
+    loopback is its own), while the same command with the network reaches it."""
+    require_bwrap()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        argv = [PY, "-c", CONNECT, str(port)]
+        base = [PY, "-m", "charter", "--home", str(agent_env.home.root), "run", "alpha", "--creds", str(agent_env.creds)]
+        cut = subprocess.run([*base, "--no-network", "--", *argv], capture_output=True, text=True, timeout=60)
+        assert cut.returncode == 0, cut.stderr
+        assert cut.stdout.startswith("cut "), cut.stdout
+        server.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing arrived from the jail
+        kept = subprocess.run([*base, "--", *argv], capture_output=True, text=True, timeout=60)
+        assert kept.returncode == 0 and kept.stdout.strip() == "connected", kept.stdout + kept.stderr
+        conn, _ = server.accept()  # the one connection, from the run with the network
+        conn.close()
+    plan = json.loads(subprocess.run([*base, "--no-network", "--dry-run", "--", *argv], capture_output=True, text=True,
+                                     timeout=60).stdout)
+    assert plan["jailed"] and "--unshare-net" in plan["argv"]
 
 
 def test_without_a_jail_the_sandbox_environment_and_limits_still_apply(agent_env: Env) -> None:

@@ -375,7 +375,7 @@ port = {port}
     assert checks >= 2
     (state,) = db.execute("SELECT state FROM service_status WHERE label = ?", ("ai.activemirror.cloudflared",)).fetchone()
     assert state == "critical"
-    hist = sup.history_of("ai.activemirror.cloudflared")
+    hist = await sup.history_of("ai.activemirror.cloudflared")
     assert 0 < hist["uptime"]["1h"] < 1
     snapshot = await node.state_providers["services"]()
     assert snapshot[0]["label"] == "ai.activemirror.cloudflared" and snapshot[0]["status"] == "fail"

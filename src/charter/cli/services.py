@@ -14,7 +14,7 @@ from charter.cli.common import emit_json, err, fail, out, run, state
 from charter.cli.operator import OperatorClient
 from charter.errors import CharterError
 
-services_app = typer.Typer(help="Supervised services: list, check, restart, stop, start, history, import, reload.",
+services_app = typer.Typer(help="Supervised services: list, check, restart, reset, stop, start, history, import, reload.",
                            no_args_is_help=True)
 import_app = typer.Typer(help="Import services the operator already has: launchd plists, systemd units, a registry JSON.",
                          no_args_is_help=True)
@@ -94,6 +94,13 @@ def services_restart(label: str, as_json: JsonOpt = False) -> None:
         out.print(f"{mark} {s['label']} via {s['via']}: {common.escape(s['detail'])}; state {_state(s)}")
     if not s["restarted"]:
         raise SystemExit(common.ERROR)
+
+
+@services_app.command("reset")
+def services_reset(label: str, as_json: JsonOpt = False) -> None:
+    """Clear `failed` and the start-limit window of LABEL without restarting it (systemctl reset-failed); check it now."""
+    s = run(lambda: _admin("POST", f"/v1/admin/services/{label}/reset"))
+    emit_json(s) if as_json else out.print(f"{s['label']} is {_state(s)}: {common.escape(s['reason'])}")
 
 
 @services_app.command("stop")
@@ -195,7 +202,7 @@ def import_launchd(
     dry_run: DryRun = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """launchd jobs by label prefix: checked with launchctl list, restarted with launchctl kickstart -k."""
+    """launchd jobs by label prefix: checked with launchctl print, restarted with launchctl kickstart -k."""
     from charter.supervisor.importers import import_launchd as imp
 
     _finish_import(imp(prefix, directory or None), dry_run, as_json)

@@ -57,18 +57,21 @@ def add_supervisor_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
         if kinds and any(k not in KINDS for k in kinds):
             raise CharterError(BAD_REQUEST, f"kind is a comma-separated list of {', '.join(KINDS)}", "kind")
         await sup.flush()
-        return _json(sup.history_of(label, max(1, min(limit, 10_000)), kinds))
+        return _json(await sup.history_of(label, max(1, min(limit, 10_000)), kinds))
 
     @app.post("/v1/admin/services/{label}/{action}", tags=["operator"],
-              summary="check (now), restart (clears `failed`), stop or start (processes Charter runs)")
+              summary="check (now), restart (clears `failed`), reset (clears `failed` and the start limit, "
+                      "no restart), stop or start (processes Charter runs)")
     async def act(label: str, action: str, request: Request) -> Response:
         await operator(request, await request.body())
         if action == "check":
             return _json(await sup.check(label))
         if action == "restart":
             return _json(await sup.restart(label))
+        if action == "reset":
+            return _json(await sup.reset(label))
         if action == "stop":
             return _json(await sup.stop(label))
         if action == "start":
             return _json(await sup.start_service(label))
-        raise CharterError("not_found", f"unknown action {action!r}; use check, restart, stop or start", "action")
+        raise CharterError("not_found", f"unknown action {action!r}; use check, restart, reset, stop or start", "action")

@@ -1,6 +1,6 @@
 """Checks: does a service work, not only exist. Each kind is one coroutine returning a CheckResult.
 
-  launchd    `launchctl list LABEL`: loaded, a PID (or, with running = false, last exit status 0)
+  launchd    `launchctl print DOMAIN/LABEL`: loaded, a PID (or, with running = false, last exit code 0)
   systemd    `systemctl [--user] show UNIT`: ActiveState among `states` (default active)
   process    a pidfile's process is alive, or processes by exact name / command-line substring
   tcp        a connection is accepted within the timeout
@@ -114,12 +114,21 @@ class CheckContext:
 # -- command lines for launchd and systemd (also used by the launchers and the tests' golden files)
 
 
-def launchd_domain(domain: str | None = None) -> str:
-    return domain or f"gui/{os.getuid()}"
+def launchd_domain(domain: str | None = None, uid: int | None = None) -> str:
+    """The launchd domain target: `system`, or `gui/UID` / `user/UID` (the default is this user's GUI
+    session, where LaunchAgents live). Spec validation refuses anything else (`specs.LAUNCHD_DOMAIN`)."""
+    uid = os.getuid() if uid is None else uid
+    if not domain or domain == "gui":
+        return f"gui/{uid}"
+    if domain == "user":
+        return f"user/{uid}"
+    return domain
 
 
-def launchd_list_argv(label: str) -> list[str]:
-    return ["launchctl", "list", label]
+def launchd_print_argv(label: str, domain: str | None = None, uid: int | None = None) -> list[str]:
+    """`launchctl print DOMAIN/LABEL`. Not `launchctl list LABEL`, which only sees the caller's own
+    domain: a LaunchDaemon (domain `system`) would always read as not loaded."""
+    return ["launchctl", "print", f"{launchd_domain(domain, uid)}/{label}"]
 
 
 def systemd_show_argv(unit: str, scope: str = "user") -> list[str]:
@@ -127,12 +136,45 @@ def systemd_show_argv(unit: str, scope: str = "user") -> list[str]:
             "--property=LoadState,ActiveState,SubState,MainPID,Result,NRestarts"]
 
 
-_PLIST_INT = re.compile(r'"(PID|LastExitStatus)"\s*=\s*(-?\d+);')
+_PRINT_LINE = re.compile(r"^\s*([a-z][a-z ]*?)\s+=\s+(.*?)\s*$")
+_LEADING_INT = re.compile(r"^(-?\d+)")
 
 
-def parse_launchctl_list(text: str) -> dict[str, int]:
-    """The PID and LastExitStatus from `launchctl list LABEL` (its old-style plist output)."""
-    return {k: int(v) for k, v in _PLIST_INT.findall(text)}
+def parse_launchctl_print(text: str) -> dict[str, Any]:
+    """`state`, `pid`, `runs`, `last_exit_code` and `last_signal` from `launchctl print DOMAIN/LABEL`.
+
+    Only the service's own top-level keys count: nested blocks (`endpoints`, `event channels`...)
+    have `state = active` lines of their own. `last exit code` reads `0`, `78: EX_CONFIG` or
+    `(never exited)` (None); a kill shows as `last terminating signal = Killed: 9`.
+    """
+    info: dict[str, Any] = {"state": None, "pid": None, "runs": None, "last_exit_code": None, "last_signal": None}
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    top = 1 if first.rstrip().endswith("{") else 0  # `gui/501/LABEL = {` ... `}` around the keys
+    depth = 0
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "}":
+            depth -= 1
+            continue
+        opens = stripped.endswith("{")
+        if depth == top and not opens:
+            m = _PRINT_LINE.match(stripped)
+            if m:
+                key, value = m.group(1), m.group(2)
+                number = _LEADING_INT.match(value)
+                if key == "state":
+                    info["state"] = value
+                elif key in ("pid", "runs") and number:
+                    info[key] = int(number.group(1))
+                elif key == "last exit code":
+                    info["last_exit_code"] = int(number.group(1)) if number else None
+                elif key == "last terminating signal":
+                    sig = re.search(r"(\d+)\s*$", value)
+                    info["last_signal"] = int(sig.group(1)) if sig else None
+        if opens:
+            depth += 1
+    return info
 
 
 def parse_systemctl_show(text: str) -> dict[str, str]:
@@ -176,22 +218,29 @@ async def check_launchd(svc: ServiceConfig, ctx: CheckContext) -> CheckResult:
     c = svc.check
     assert c is not None
     label = svc.launchd_label()
+    argv = launchd_print_argv(label, c.domain)
     try:
-        rc, out = await run_argv(launchd_list_argv(label), svc.timeout)
+        rc, out = await run_argv(argv, svc.timeout)
     except FileNotFoundError:
         return CheckResult(False, "launchctl is not available on this machine (launchd is macOS only)")
     if rc != 0:
-        return CheckResult(False, f"{label} is not loaded in launchd (launchctl list exit {rc})")
-    info = parse_launchctl_list(out)
-    last = info.get("LastExitStatus")
-    data = {"pid": info.get("PID"), "last_exit_status": last}
-    if c.running is False:
-        ok = not last
-        return CheckResult(ok, "loaded; last exit status 0" if ok else f"last exit status {last}", data=data)
-    if "PID" in info:
-        return CheckResult(True, f"running, pid {info['PID']}", data=data)
-    why = f"signal {-last}" if last is not None and last < 0 else f"status {last}"
-    return CheckResult(False, f"loaded but not running (last exit {why})", data=data)
+        return CheckResult(False, f"{argv[-1]} is not loaded in launchd (`launchctl print` exit {rc}: "
+                                  f"{out.strip()[-200:]})")
+    return launchd_result(parse_launchctl_print(out), running=c.running is not False)
+
+
+def launchd_result(info: dict[str, Any], *, running: bool = True) -> CheckResult:
+    """What `launchctl print` says means: a PID (a KeepAlive job), or for a periodic job (`running =
+    false`) a last run that exited 0 (or none yet)."""
+    code, sig = info["last_exit_code"], info["last_signal"]
+    last = f"signal {sig}" if sig is not None else ("never exited" if code is None else f"exit code {code}")
+    data = {"pid": info["pid"], "state": info["state"], "last_exit_code": code, "last_signal": sig, "runs": info["runs"]}
+    if not running:
+        ok = sig is None and not code
+        return CheckResult(ok, f"loaded; last run: {last}", data=data)
+    if info["pid"] is not None:
+        return CheckResult(True, f"running, pid {info['pid']}", data=data)
+    return CheckResult(False, f"loaded but not running (state {info['state'] or 'unknown'}, last {last})", data=data)
 
 
 async def check_systemd(svc: ServiceConfig, ctx: CheckContext) -> CheckResult:

@@ -1,7 +1,7 @@
 """Import what the operator already has into service specs.
 
   launchd   plists whose Label starts with a prefix (`ai.activemirror.`), read with plistlib (XML or
-            binary), from ~/Library/LaunchAgents and friends: checked with `launchctl list` and
+            binary), from ~/Library/LaunchAgents and friends: checked with `launchctl print` and
             restarted with `launchctl kickstart -k`; periodic jobs (StartInterval / StartCalendarInterval
             without KeepAlive) pass when their last exit status is 0.
   systemd   unit files (`*.service`, matched by a glob), from ~/.config/systemd/user or /etc/systemd/system:

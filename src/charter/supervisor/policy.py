@@ -3,9 +3,10 @@
 `RestartPolicy.decide(now)` answers before every automatic restart: wait `delay` seconds and
 restart, or stop: the start limit (`start_limit_burst` restarts within `start_limit_interval`, as
 systemd's StartLimitBurst / StartLimitIntervalSec) is reached, and the service becomes `failed`.
-A failed service is not restarted again by itself; it is still checked, and it leaves `failed`
-when its check passes again or when the operator restarts it (`charter services restart`), which
-also clears the counters, as `systemctl reset-failed` does.
+A failed service is not restarted again by itself; it is still checked, but it leaves `failed` only
+by the operator (`charter services restart`, `reset` or `start`), which also clears the counters, as
+`systemctl reset-failed` does. The window's history expires by time alone: passing checks never
+clear it, or a service that flaps outside Charter would earn a fresh burst each time it passed.
 
 The backoff grows with consecutive restarts (base, 2 base, 4 base, ... up to cap) and resets once
 the service has been passing for `reset_after`, as Kubernetes' CrashLoopBackOff does after ten
@@ -73,7 +74,7 @@ class RestartPolicy:
         self.passing_since = None
 
     def reset(self) -> None:
-        """The operator's restart: counters and window start over."""
+        """The operator's restart or reset (never a passing check): counters and window start over."""
         self.consecutive = 0
         self.starts.clear()
         self.passing_since = None

@@ -31,6 +31,8 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 Bytes = Annotated[int, BeforeValidator(parse_size)]
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
+# launchd domains a check can look in: system (LaunchDaemons), or a user's gui / user domain (UID optional).
+LAUNCHD_DOMAIN = re.compile(r"system|(gui|user)(/\d+)?")
 CHECK_KINDS = ("launchd", "systemd", "process", "tcp", "http", "command", "model", "freshness")
 MANAGERS = ("charter", "launchd", "systemd", "command", "none")
 
@@ -79,7 +81,7 @@ class CheckConfig(_Strict):
     kind: Literal["launchd", "systemd", "process", "tcp", "http", "command", "model", "freshness"]
     # launchd
     label: str | None = None  # default: the service's label
-    domain: str | None = None  # default: gui/<uid>
+    domain: str | None = None  # system, gui[/UID] or user[/UID]; default gui/<this uid>
     running: bool | None = None  # default true: a PID is required; false: loaded and last exit 0 (periodic jobs)
     # systemd
     unit: str | None = None  # default: <label>.service
@@ -125,6 +127,9 @@ class CheckConfig(_Strict):
                 raise ValueError(f"{'an' if self.kind[0] in 'aeiouh' else 'a'} {self.kind} check needs `{name}`")
         if self.kind == "process" and not (self.name or self.cmdline or self.pidfile):
             raise ValueError("a process check needs `name`, `cmdline` or `pidfile`")
+        if self.kind == "launchd" and self.domain is not None and not LAUNCHD_DOMAIN.fullmatch(self.domain):
+            raise ValueError(f"domain {self.domain!r} is not a launchd domain: use \"system\" (LaunchDaemons), "
+                             "\"gui\" or \"gui/UID\" (LaunchAgents, the default), or \"user\" / \"user/UID\"")
         if self.kind == "http" and not self.url.startswith(("http://", "https://")):  # type: ignore[union-attr]
             raise ValueError("url must start with http:// or https://")
         return self

@@ -6,8 +6,9 @@ States of a service:
   starting  (re)started; failing checks are retried, not acted on, for `restart.start_period`
   passing   `successes_before_passing` checks in a row passed
   critical  `failures_before_critical` checks in a row failed (or Charter's process exited)
-  failed    the start limit was reached: no more automatic restarts (checks go on; a passing check
-            or the operator's `charter services restart` brings it back)
+  failed    the start limit was reached: no more automatic restarts. Sticky, as a systemd unit that hit
+            its start limit: checks go on (a passing one shows in the reason and the receipt), but only
+            the operator leaves it (`charter services restart`, `reset` or `start`)
   stopped   the operator stopped it (`charter services stop`); not checked, not restarted
 
 Each service is checked every `interval` (default 300 s); while a change of state is pending (a
@@ -15,7 +16,15 @@ failure below the threshold, a start in progress) every `retry_interval` instead
 concurrently under one semaphore (`supervisor.concurrency`); a service's check waits for the checks
 of its dependencies that are in flight, so dependencies are checked first. A critical service is
 restarted through its manager after the backoff of `policy.RestartPolicy`, but never before all of
-its dependencies pass: it waits, and is re-checked as soon as they do.
+its dependencies pass: it waits, and is re-checked as soon as they do. When the backoff ends, the
+restart happens only if the service is still down: a pending restart is dropped when it passes
+again, and the failing check is run once more right before the restart (it may have come back
+during the backoff, e.g. restarted by launchd itself, with nobody checking).
+
+Processes Charter runs start in dependency order (systemd's After= + Requires=): one with
+`depends` starts only after each dependency's first passing check in this run. If that takes longer
+than the dependency is given (its check timeout and retries, plus its start period if Charter runs
+it), the dependent is reported `critical` (not started), and it still starts as soon as they pass.
 
 Every change of state is an event on `charter.services.health` whose payload is the health receipt
 `{service, status: ok|fail, run_id, generated_at, state, previous, reason, ...}`; every restart is
@@ -93,6 +102,14 @@ class Service:
         self.blocked_by: str | None = None
         self.inflight: asyncio.Future[None] | None = None
         self.managed: ManagedProcess | None = None
+        # The label whose failing check asked for the pending restart (a model check may restart the
+        # backend's service): the restart happens only if that one is still down.
+        self.restart_cause: str | None = None
+        # Why it is to be started once its dependencies pass (dependency order at start and reload).
+        self.awaiting: str | None = None
+        # A check in this run found it working (a state restored from the database does not count):
+        # what dependents wait for before they start or are restarted.
+        self.fresh = False
         self.checks = self.checks_ok = self.restarts = 0
 
     @property
@@ -118,7 +135,8 @@ class Service:
             "reason": self.reason, "since": self.since, "last_checked": self.last_checked,
             "interval": s.interval, "tier": s.tier, "why": s.why, "category": s.category,
             "check": s.check.kind if s.check else "process", "manager": s.effective_manager,
-            "depends": list(s.depends), "blocked_by": self.blocked_by, "port": s.port,
+            "depends": list(s.depends), "blocked_by": self.blocked_by, "awaiting_start": self.awaiting is not None,
+            "port": s.port,
             "checks": self.checks, "checks_ok": self.checks_ok, "restarts": self.restarts,
             "restart_policy": self.policy.to_dict(now),
             "restart_in_s": round(max(self.restart_at - now, 0.0), 2) if self.restart_at is not None else None,
@@ -230,11 +248,80 @@ class Supervisor:
                     row["last_checked"], row["checks"], row["checks_ok"], row["restarts"])
             svc.next_check = now
             svc.managed = self._make_managed(svc)
-        for svc in self.services.values():
-            if svc.managed is not None and svc.spec.autostart:
-                await self._start_managed(svc, "started with the daemon")
+        await self._autostart(list(self.services.values()), "started with the daemon")
         await self._flush()
         self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _autostart(self, batch: list[Service], why: str) -> None:
+        """Start the processes Charter runs in topological order of `depends`; one whose dependencies
+        have not passed a check yet waits for them (`_dependency_up` starts it), as systemd orders a
+        unit After= and Requires= its dependencies: a dependent never races its database."""
+        for svc in sorted(batch, key=lambda s: s.level):  # stable: spec order within a level
+            if svc.managed is None or not svc.spec.autostart or svc.state == STOPPED:
+                continue
+            blocker = self._blocker(svc)
+            if blocker is None:
+                await self._start_managed(svc, why)
+            else:
+                self._await_dependencies(svc, why, blocker)
+
+    def _blocker(self, svc: Service) -> Service | None:
+        """The first dependency that is not known to work now (None: all of them do)."""
+        for dep in svc.spec.depends:
+            d = self.services.get(dep)
+            if d is not None and not self._up(d):
+                return d
+        return None
+
+    @staticmethod
+    def _up(svc: Service) -> bool:
+        """Works now, by a check in this run: passing, or `failed` (no more restarts) yet passing its checks."""
+        return svc.fresh and svc.state in (PASSING, FAILED)
+
+    def _start_bound(self, svc: Service) -> float:
+        """How long a dependent waits before it is reported not started: what its dependencies are given
+        to pass a first check (timeout and retries, plus the start period of a process Charter runs)."""
+        bound = 0.0
+        for dep in svc.spec.depends:
+            d = self.services.get(dep)
+            if d is None:
+                continue
+            c = d.spec
+            given = c.timeout + c.retry * c.successes_before_passing
+            if d.managed is not None:
+                given += c.restart.start_period
+            bound = max(bound, given)
+        return bound
+
+    def _await_dependencies(self, svc: Service, why: str, blocker: Service) -> None:
+        svc.awaiting, svc.blocked_by = why, blocker.label
+        reason = f"not started yet: waiting for {blocker.label} ({blocker.state}) to pass a check"
+        if svc.state in (PASSING, STARTING):  # remembered from before the daemon's restart: not true now
+            self._transition(svc, UNKNOWN, reason, str(ULID()))
+        svc.reason = reason
+        self._status(svc)
+        self._spawn(self._await_deadline(svc, self._start_bound(svc)))
+
+    async def _await_deadline(self, svc: Service, bound: float) -> None:
+        """Past the bound, a dependent still waiting is reported `critical` (it is down); it still starts
+        as soon as its dependencies pass."""
+        await asyncio.sleep(bound)
+        if self.services.get(svc.label) is not svc or svc.awaiting is None:
+            return
+        blocker = self._blocker(svc)
+        if blocker is None:  # passed this very moment: _dependency_up starts it
+            return
+        self._transition(svc, CRITICAL, f"not started: {blocker.label} is {blocker.state} after {bound:g}s "
+                                        f"(it starts once {blocker.label} passes)", str(ULID()))
+        svc.blocked_by = blocker.label
+        await self._flush()
+
+    async def _start_after_dependencies(self, svc: Service, why: str) -> None:
+        if self.services.get(svc.label) is not svc or svc.state == STOPPED or self._closing:
+            svc.restarting = False
+            return  # removed by a reload, or stopped by the operator, since it was due to start
+        await self._start_managed(svc, why)
+        await self._flush()
 
     async def close(self) -> None:
         self._closing = True
@@ -273,8 +360,8 @@ class Supervisor:
         while not self._closing:
             self._wake.clear()
             now = time.monotonic()
-            due = [s for s in self.services.values()
-                   if s.inflight is None and not s.restarting and s.state != STOPPED and s.next_check <= now]
+            due = [s for s in self.services.values() if s.inflight is None and not s.restarting
+                   and s.state != STOPPED and s.awaiting is None and s.next_check <= now]
             if due:
                 self._spawn(self.run_cycle(due))
             for s in self.services.values():
@@ -284,7 +371,8 @@ class Supervisor:
             if self.history is not None and now - self._last_prune > 3600:
                 self._last_prune = now
                 self._spawn(asyncio.to_thread(self.history.prune, time.time() - self.config.history_retention))
-            times = [s.next_check for s in self.services.values() if s.inflight is None and s.state != STOPPED]
+            times = [s.next_check for s in self.services.values()
+                     if s.inflight is None and s.state != STOPPED and s.awaiting is None]
             times += [s.restart_at for s in self.services.values() if s.restart_at is not None]
             wait = min(times, default=now + 60) - time.monotonic()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives as
@@ -363,13 +451,20 @@ class Supervisor:
         svc.next_check = mono + svc.spec.interval
         if result.ok:
             svc.policy.passing(mono)
-            if svc.state != PASSING:
+            if svc.state == FAILED:
+                # Sticky, as systemd's start-limit-hit: a service that flaps outside Charter must not earn
+                # a fresh burst of restarts each time it briefly passes. Its health still shows.
+                svc.reason = f"{svc.reason.split(' | last check')[0]} | last check passed: {result.detail}"
+            elif svc.state != PASSING:
                 if svc.thresholds.passing:
                     self._transition(svc, PASSING, result.detail, run_id)
                 else:
                     svc.next_check = mono + svc.spec.retry
             else:
                 svc.reason = result.detail
+            if not svc.fresh and svc.thresholds.passing and svc.state in (PASSING, FAILED):
+                svc.fresh = True
+                self._dependency_up(svc)
         else:
             svc.policy.not_passing()
             starting = svc.state == STARTING and svc.start_deadline is not None and mono < svc.start_deadline
@@ -377,11 +472,13 @@ class Supervisor:
                 svc.reason = f"starting: {result.detail}"
                 svc.next_check = min(mono + svc.spec.retry, svc.start_deadline)  # type: ignore[type-var]
             elif svc.state == FAILED:
-                svc.reason = f"{svc.reason.split(' | last check: ')[0]} | last check: {result.detail}"
+                svc.reason = f"{svc.reason.split(' | last check')[0]} | last check: {result.detail}"
+                if svc.thresholds.critical or exited:
+                    svc.fresh = False
             elif svc.thresholds.critical or exited or svc.state == STARTING:
                 self._transition(svc, CRITICAL, result.detail, run_id)
                 target = self._target(svc)
-                self._want_restart(target, result.detail, run_id)
+                self._want_restart(target, result.detail, run_id, cause=svc)
                 if target is not svc or svc.blocked_by:
                     svc.next_check = mono + svc.spec.retry  # its fix is under way elsewhere: look again soon
             else:
@@ -402,22 +499,33 @@ class Supervisor:
         if old == new:
             return
         svc.state, svc.since = new, time.time()
+        if new != PASSING:
+            svc.fresh = False
         if new in (PASSING, STOPPED):
             svc.start_deadline = None
             svc.blocked_by = None
-        if old == FAILED and new == PASSING:
-            svc.policy.reset()  # it recovered (fixed outside Charter): a fresh start-limit window, like reset-failed
+        if new == PASSING:
+            self._drop_pending_restart(svc)
         self._history_rows.append((svc.label, svc.since, "state", new, svc.status, reason[:500], run_id, None))
         self._outbox.append((HEALTH, svc.receipt(run_id, previous=old, **extra)))
         log.info("service %s: %s -> %s (%s)", svc.label, old, new, reason)
         if new == CRITICAL and svc.spec.tier == "critical":
             self._alert(svc, f"critical service {svc.label} is down: {reason}", run_id)
         if new == PASSING:
-            self._dependency_up(svc)
             for backend, label in self.managed_backends.items():
                 if label == svc.label:
                     self._backend_service_up(svc, backend)
         self._status(svc)
+
+    def _drop_pending_restart(self, svc: Service) -> None:
+        """It passes again: the restart its failure asked for (of itself, or of the service running its
+        backend) is no longer wanted. Without this, a service that came back during its backoff (a check
+        by the operator, a router poke, an interval shorter than the backoff) was still kicked."""
+        for target in {svc, self._target(svc)}:
+            if target.restart_at is not None and (target.restart_cause or target.label) == svc.label:
+                target.restart_at = target.restart_cause = None
+                if target is not svc and target.state == CRITICAL:
+                    target.reason = f"{svc.label} passes again; restart cancelled"
 
     def _alert(self, svc: Service, reason: str, run_id: str | None) -> None:
         self._history_rows.append((svc.label, time.time(), "alert", svc.state, svc.status, reason[:500], run_id, None))
@@ -439,17 +547,24 @@ class Supervisor:
                 self._spawn(self.router.probe(backend))
 
     def _dependency_up(self, svc: Service) -> None:
-        """A dependency passes again: its waiting dependents are re-checked now (and restarted if need be)."""
+        """A dependency works (again): dependents waiting to start start now if all theirs do; the others
+        are re-checked now (and restarted if need be)."""
         mono = time.monotonic()
         for label in self.dependents.get(svc.label, []):
             d = self.services[label]
+            if d.awaiting is not None:
+                if self._blocker(d) is None:
+                    why, d.awaiting, d.blocked_by = d.awaiting, None, None
+                    d.restarting = True  # from now until its process is spawned: not due for a check
+                    self._spawn(self._start_after_dependencies(d, f"{why} once {', '.join(d.spec.depends)} passed"))
+                continue
             if d.blocked_by == svc.label or d.state in (CRITICAL, UNKNOWN):
                 d.blocked_by = None
                 d.next_check = mono
         self.wake()
 
-    def _want_restart(self, svc: Service, reason: str, run_id: str | None) -> None:
-        if svc.state in (FAILED, STOPPED) or svc.restart_at is not None or svc.restarting:
+    def _want_restart(self, svc: Service, reason: str, run_id: str | None, *, cause: Service | None = None) -> None:
+        if svc.state in (FAILED, STOPPED) or svc.restart_at is not None or svc.restarting or svc.awaiting is not None:
             return
         if svc.state == STARTING and svc.start_deadline is not None and time.monotonic() < svc.start_deadline:
             return  # just (re)started: give it its start period
@@ -457,7 +572,7 @@ class Supervisor:
             return
         for dep in svc.spec.depends:
             d = self.services[dep]
-            if d.state != PASSING:
+            if not self._up(d):
                 svc.blocked_by = dep
                 svc.reason = f"{reason.split(' | waiting for ')[0]} | waiting for {dep} ({d.state}) before a restart"
                 return
@@ -465,10 +580,11 @@ class Supervisor:
         decision = svc.policy.decide(time.monotonic())
         if not decision.restart:
             self._transition(svc, FAILED, decision.reason, run_id)
-            self._alert(svc, f"{svc.label} failed: {decision.reason}; not restarted again until it passes "
-                             f"or `charter services restart {svc.label}`", run_id)
+            self._alert(svc, f"{svc.label} failed: {decision.reason}; not restarted automatically again until "
+                             f"`charter services restart {svc.label}` (or `reset`)", run_id)
             return
         svc.restart_at = time.monotonic() + decision.delay
+        svc.restart_cause = (cause or svc).label
         svc.restart_attempt, svc.restart_delay = decision.attempt, decision.delay
         self.wake()
 
@@ -477,12 +593,16 @@ class Supervisor:
     async def _start_managed(self, svc: Service, why: str) -> None:
         assert svc.managed is not None
         run_id = str(ULID())
+        svc.restarting = True  # not checked (nor restarted) while its process is being spawned
         try:
             pid = await svc.managed.start()
         except OSError as exc:
+            svc.restarting = False
             self._transition(svc, CRITICAL, f"could not start: {exc}", run_id)
             self._want_restart(svc, str(exc), run_id)
             return
+        finally:
+            svc.restarting = False
         svc.thresholds.ok_run = svc.thresholds.fail_run = 0
         svc.start_deadline = time.monotonic() + svc.spec.restart.start_period
         self._transition(svc, STARTING, f"{why}: pid {pid}", run_id)
@@ -491,19 +611,27 @@ class Supervisor:
 
     async def _restart(self, svc: Service, *, automatic: bool) -> dict[str, Any]:
         run_id = str(ULID())
+        cause = self.services.get(svc.restart_cause or svc.label, svc)
+        svc.restart_cause = None
         if automatic:
+            if svc.state in (STOPPED, FAILED) or svc.awaiting is not None or cause.state != CRITICAL:
+                return {"restarted": False, "reason": f"{cause.label} is {cause.state}: no restart needed"}
             for dep in svc.spec.depends:
                 d = self.services[dep]
-                if d.state != PASSING:  # it went down since the restart was scheduled: wait for it
+                if not self._up(d):  # it went down since the restart was scheduled: wait for it
                     svc.blocked_by = dep
                     svc.reason = f"{svc.reason.split(' | waiting for ')[0]} | waiting for {dep} ({d.state}) before a restart"
                     svc.next_check = time.monotonic() + svc.spec.retry
                     self._status(svc)
                     return {"restarted": False, "reason": f"waiting for {dep}"}
-            svc.policy.started(time.monotonic())
         svc.restarting = True
-        attempt, delay = (svc.restart_attempt, svc.restart_delay) if automatic else (0, 0.0)
         try:
+            if automatic and not await self._still_down(svc, cause):
+                await self._flush()
+                return {"restarted": False, "reason": f"{cause.label} passes again"}
+            if automatic:
+                svc.policy.started(time.monotonic())
+            attempt, delay = (svc.restart_attempt, svc.restart_delay) if automatic else (0, 0.0)
             outcome = await launchers.restart(svc.spec, svc.managed)
         finally:
             svc.restarting = False
@@ -527,6 +655,21 @@ class Supervisor:
         await self._flush()
         self.wake()
         return {"restarted": outcome.ok, "via": outcome.via, "detail": outcome.detail}
+
+    async def _still_down(self, svc: Service, cause: Service) -> bool:
+        """Right before an automatic restart: is what asked for it still failing? It may have come back
+        during the backoff with nobody checking (launchd's KeepAlive, an interval longer than the
+        backoff), and a restart would then kill a working service. A check in flight is waited for;
+        else the failing check runs once more (recorded like any other). Not needed when Charter's own
+        process is gone."""
+        if cause is svc and svc.managed is not None and not svc.managed.alive():
+            return True
+        if cause.inflight is not None:
+            while cause.inflight is not None:
+                await asyncio.shield(cause.inflight)
+        elif cause.state == CRITICAL:
+            await self.run_cycle([cause])
+        return cause.state == CRITICAL and cause.last is not None and not cause.last.ok and svc.state != STOPPED
 
     async def _on_exit(self, label: str, code: int) -> None:
         svc = self.services.get(label)
@@ -635,15 +778,33 @@ class Supervisor:
         if svc.restarting:
             raise CharterError(CONFLICT, f"{label} is being restarted right now", "label")
         svc.policy.reset()
-        svc.restart_at = None
+        svc.restart_at = svc.restart_cause = svc.awaiting = None
         result = await self._restart(svc, automatic=False)
         return {**result, **svc.view(time.monotonic())}
+
+    async def reset(self, label: str) -> dict[str, Any]:
+        """The operator's `systemctl reset-failed`: the start-limit history and the backoff start over and
+        `failed` is left, without a restart; the service is checked now and goes on from what it shows."""
+        svc = self.get(label)
+        svc.policy.reset()
+        if svc.state == STOPPED:
+            return svc.view(time.monotonic())
+        while svc.inflight is not None:
+            await asyncio.shield(svc.inflight)
+        if svc.state == FAILED:
+            svc.thresholds.ok_run = svc.thresholds.fail_run = 0
+            self._transition(svc, UNKNOWN, "the operator reset its start limit", str(ULID()))
+        if svc.restarting or svc.awaiting is not None:
+            await self._flush()
+            return svc.view(time.monotonic())
+        run_id = await self.run_cycle([svc])
+        return {"run_id": run_id, **svc.view(time.monotonic())}
 
     async def stop(self, label: str) -> dict[str, Any]:
         svc = self.get(label)
         if svc.managed is None:
             raise CharterError(CONFLICT, f"Charter does not run {label}'s process (manager {svc.spec.effective_manager})", "label")
-        svc.restart_at = None
+        svc.restart_at = svc.restart_cause = svc.awaiting = None
         code = await svc.managed.stop()
         self._transition(svc, STOPPED, f"stopped by the operator (exit {code})", str(ULID()))
         await self._flush()
@@ -654,19 +815,25 @@ class Supervisor:
         if svc.managed is None:
             raise CharterError(CONFLICT, f"Charter does not run {label}'s process (manager {svc.spec.effective_manager})", "label")
         svc.policy.reset()
+        svc.awaiting = None  # the operator's start does not wait for dependencies
         await self._start_managed(svc, "started by the operator")
         await self._flush()
         return svc.view(time.monotonic())
 
-    def history_of(self, label: str, limit: int = 50, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
+    async def history_of(self, label: str, limit: int = 50, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """History and uptime; the SQLite queries run in a thread, not on the event loop the checks share."""
         svc = self.get(label)
-        if self.history is None:
+        history = self.history
+        if history is None:
             return {"label": label, "history": [], "uptime": {}}
-        rows = self.history.history(label, limit, kinds or ("state", "restart", "alert", "check"))
-        return {"label": label, "state": svc.state, "status": svc.status,
-                "uptime": {w: self.history.uptime(label, s) for w, s in (("1h", 3600), ("24h", 86400), ("7d", 7 * 86400),
-                                                                         ("30d", 30 * 86400))},
-                "history": rows}
+
+        def read() -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+            rows = history.history(label, limit, kinds or ("state", "restart", "alert", "check"))
+            windows = (("1h", 3600), ("24h", 86400), ("7d", 7 * 86400), ("30d", 30 * 86400))
+            return rows, {w: history.uptime(label, s) for w, s in windows}
+
+        rows, uptime = await asyncio.to_thread(read)
+        return {"label": label, "state": svc.state, "status": svc.status, "uptime": uptime, "history": rows}
 
     async def reload(self, specs: list[Spec], managed_backends: dict[str, str] | None = None) -> dict[str, list[str]]:
         """Apply a new set of specs: new services start, removed ones stop, changed ones are replaced."""
@@ -675,6 +842,7 @@ class Supervisor:
         new = {s.label: s for s in specs}
         depth = levels({s.label: s.config.depends for s in specs})
         added, removed, changed = [], [], []
+        to_start: list[Service] = []
         for label in list(self.services):
             if label not in new:
                 old = self.services.pop(label)
@@ -694,19 +862,20 @@ class Supervisor:
                 svc.checks, svc.checks_ok, svc.restarts = old.checks, old.checks_ok, old.restarts
                 if old.managed is not None:
                     await old.managed.close()
-                if svc.state in (STARTING, STOPPED):
-                    svc.state = UNKNOWN
+                if svc.state in (STARTING, STOPPED):  # what it was doing ended with the old spec: say so
+                    self._transition(svc, UNKNOWN, f"its spec changed ({spec.source}); not checked since",
+                                     str(ULID()))
             else:
                 added.append(label)
             self.services[label] = svc
             if self.started:
                 svc.managed = self._make_managed(svc)
-                if svc.managed is not None and svc.spec.autostart:
-                    await self._start_managed(svc, "started by a reload")
+                to_start.append(svc)
         self.dependents = {label: [] for label in self.services}
         for svc in self.services.values():
             for d in svc.spec.depends:
                 self.dependents[d].append(svc.label)
+        await self._autostart(to_start, "started by a reload")
         await self._flush()
         self.wake()
         return {"added": added, "removed": removed, "changed": changed}
