@@ -177,3 +177,87 @@ async def test_tier_ceiling_and_unknown_actions(daemon) -> None:
         assert [e["payload"]["effect"] for e in evs] == ["deny", "deny"]
     finally:
         await owl.close()
+
+
+# -- an approved spend reserves its money, once ---------------------------------------------------
+
+RESERVE = "/v1/agent/budget/reserve"
+
+
+async def reserve(agent, **body) -> dict:
+    """The reserve API as it answers: an `approval_required` refusal is a 202 with an `error` body."""
+    return await agent.http.call("POST", RESERVE, json={"action": "spend.transfer", **body})
+
+
+async def test_an_approved_spend_reserves_exactly_once(daemon, boss) -> None:
+    await daemon.admin("PUT", "/v1/admin/budget", json={"scope": "agent:boss", "unit": "usd", "limit": 100})
+    needs = await reserve(boss, usd=10)  # over $5 at once: T3, the operator approves first
+    assert needs["error"]["code"] == "approval_required" and "approval_id" in needs["error"]["message"]
+    asked = await boss.act("spend.transfer", {"amount_usd": 10})
+    aid = asked["approval_id"]
+    with pytest.raises(CharterError) as exc:  # not decided yet
+        await reserve(boss, usd=10, approval_id=aid)
+    assert exc.value.code == "conflict" and "pending" in exc.value.message
+
+    assert cli(daemon.home, "approvals", "approve", aid).returncode == 0
+    with pytest.raises(CharterError) as exc:  # the approval named $10; it does not cover $20
+        await reserve(boss, usd=20, approval_id=aid)
+    assert exc.value.code == "conflict" and "covers at most $10" in exc.value.message
+    with pytest.raises(CharterError) as exc:  # nor another action
+        await reserve(boss, action="spend.refund", usd=10, approval_id=aid)
+    assert exc.value.code == "conflict" and "spend.transfer" in exc.value.message
+
+    res = await reserve(boss, usd=10, approval_id=aid)
+    assert (res["tier"], res["rule"], res["approval_id"], res["usd_micros"]) == ("T3", "large-spend", aid, 10_000_000)
+    with pytest.raises(CharterError) as exc:  # one approval, one reservation
+        await reserve(boss, usd=10, approval_id=aid)
+    assert exc.value.code == "conflict" and res["reservation_id"] in exc.value.message
+    again = await boss.wait_approval(aid, 0.1)
+    assert again["effect"] == "deny" and again["state"] == "used"
+    await boss.settle(res["reservation_id"], usd=10)
+
+    listing = json.loads(cli(daemon.home, "approvals", "list", "--all", "--json").stdout)
+    (row,) = [a for a in listing if a["id"] == aid]
+    assert (row["state"], row["reservation_id"]) == ("used", res["reservation_id"])
+    used = [e["payload"] for e in await events(daemon, "charter.approvals.boss")
+            if e["payload"]["approval_id"] == aid and e["payload"]["state"] == "used"]
+    assert [u.get("reservation_id") for u in used] == [res["reservation_id"]]
+    decisions = [e["payload"] for e in await events(daemon, "charter.decisions.boss")
+                 if e["payload"]["action"] == "spend.transfer"]
+    # every reserve is a decision event: asked without, asked before the decision, $20, $10 ok, twice
+    assert [(d["effect"], d.get("code")) for d in decisions if "usd_micros" in d] == [
+        ("approve", "approval_required"), ("approve", "conflict"), ("approve", "conflict"), ("allow", None),
+        ("approve", "conflict")]
+    ok = [d for d in decisions if d.get("reservation_id")]
+    assert [(d["approval_id"], d["reservation_id"]) for d in ok] == [(aid, res["reservation_id"])]
+
+
+async def test_a_claimed_approval_still_pays_for_its_one_reservation(daemon, boss) -> None:
+    """The agent waits with act(wait=...) (which claims the approval), then reserves with its id."""
+    await daemon.admin("PUT", "/v1/admin/budget", json={"scope": "agent:boss", "unit": "usd", "limit": 100})
+    waiting = asyncio.create_task(boss.act("spend.transfer", {"amount_usd": 7}, wait=20))
+    for _ in range(100):
+        pending = json.loads(cli(daemon.home, "approvals", "list", "--json").stdout)
+        if pending:
+            break
+        await asyncio.sleep(0.1)
+    (p,) = pending
+    assert cli(daemon.home, "approvals", "approve", p["id"]).returncode == 0
+    answer = await asyncio.wait_for(waiting, 20)
+    assert answer["effect"] == "allow" and answer["state"] == "used"
+    res = await boss.reserve(action="spend.transfer", usd=7, approval_id=p["id"])  # the SDK names it too
+    assert res["approval_id"] == p["id"] and res["usd_micros"] == 7_000_000
+    with pytest.raises(CharterError) as exc:
+        await reserve(boss, usd=7, approval_id=p["id"])
+    assert exc.value.code == "conflict"
+
+
+async def test_a_window_approval_covers_reservations_while_it_lasts(daemon, boss) -> None:
+    await daemon.admin("PUT", "/v1/admin/budget", json={"scope": "agent:boss", "unit": "usd", "limit": 100})
+    asked = await boss.act("spend.transfer", {"amount_usd": 6})
+    assert cli(daemon.home, "approvals", "approve", asked["approval_id"], "--window", "1h").returncode == 0
+    for _ in range(2):  # found without naming it, and not used up
+        res = await reserve(boss, usd=6)
+        assert res["approval_id"] == asked["approval_id"] and res["tier"] == "T3"
+    needs = await reserve(boss, usd=8)  # more than the window's request named
+    assert needs["error"]["code"] == "approval_required"

@@ -422,9 +422,11 @@ def test_sweep_returns_expired_reservations(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("in_table", [True, False], ids=["operator-limit", "charter-default-limit"])
-def test_a_late_settle_commits_only_what_still_fits(tmp_path: Path, in_table: bool) -> None:
-    """Regression: a limit that is not in budget_limits (an agent's default, from its charter) was not
-    checked when a swept reservation was settled late, so committed + reserved could exceed it."""
+def test_a_late_settle_books_the_real_use_and_names_the_cap_it_crossed(tmp_path: Path, in_table: bool) -> None:
+    """A swept reservation settled late: its money went back and was taken again, so what it really
+    spent no longer fits. It is booked anyway (the books must not read as within while the spend is
+    over) and the settlement is an overrun naming the cap it crossed, also for a limit that is not in
+    budget_limits (an agent's default, from its charter: capped by the hard it had when reserved)."""
     ledger = Ledger(tmp_path / "c.db")
     lim = Limit("agent:agt_x", "usd", "day", 1_000_000)
     if in_table:
@@ -434,7 +436,12 @@ def test_a_late_settle_commits_only_what_still_fits(tmp_path: Path, in_table: bo
     s = ledger.settle(first.id, usd=900_000, tokens_in=0, tokens_out=0, now=NOW + 3000)
     assert s.late and s.overrun
     use = ledger.usage([lim], now=NOW)[0]
-    assert (use["reserved"], use["committed"]) == (900_000, 100_000)
+    assert (use["reserved"], use["committed"], use["left"], use["over"]) == (900_000, 900_000, 0, 800_000)
+    (alert,) = s.alerts
+    assert alert["kind"] == "overrun" and alert["late"] and alert["usd"] == 900_000
+    assert [(c["scope"], c["used"], c["hard"], c["over"]) for c in alert["crossed"]] == [
+        ("agent:agt_x", 1_800_000, 1_000_000, 800_000)]
+    assert ledger.history(by="agent")[0]["overruns"] == 1
     with pytest.raises(CharterError) as exc:
         ledger.settle(first.id, usd=1, tokens_in=0, tokens_out=0)
     assert exc.value.code == CONFLICT
@@ -645,8 +652,9 @@ async def test_a_tier_cap_refusal_names_the_cap(daemon: Daemon) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_swept_reservation_settled_late_cannot_cross_the_agents_cap(daemon: Daemon) -> None:
-    """Regression, end to end: the agent's $1/day comes from its charter, not from budget_limits."""
+async def test_a_swept_reservation_settled_late_is_booked_and_alerts_the_overrun(daemon: Daemon) -> None:
+    """End to end: the agent's $1/day comes from its charter, not from budget_limits. The late spend is
+    booked in full, the budget reads as over (nothing left), and an overrun alert names the cap."""
     async with await daemon.enroll("slowpoke") as agent:
         first = await agent.http.call("POST", "/v1/agent/budget/reserve", json={"usd": 0.9, "ttl_s": 0.2})
         await asyncio.sleep(0.3)
@@ -654,8 +662,14 @@ async def test_a_swept_reservation_settled_late_cannot_cross_the_agents_cap(daem
         late = await agent.settle(first["reservation_id"], usd=0.9)
         assert late["late"] and late["overrun"]
         lim = my_limit(await agent.budget(), agent)
-        assert lim["reserved"] + lim["committed"] <= WORKER_DAY
-        assert (lim["reserved"], lim["committed"]) == (900_000, 100_000)
+        assert (lim["reserved"], lim["committed"], lim["left"], lim["over"]) == (900_000, 900_000, 0, 800_000)
+        alerts = [e["payload"] for e in await budget_events(daemon, agent, "charter.budget.alerts")
+                  if e["payload"].get("kind") == "overrun"]
+        assert len(alerts) == 1 and alerts[0]["reservation_id"] == first["reservation_id"]
+        assert [(c["scope"], c["over"]) for c in alerts[0]["crossed"]] == [(f"agent:{agent.id}", 800_000)]
+        with pytest.raises(CharterError) as exc:
+            await agent.reserve(usd=0.000001)
+        assert exc.value.code == BUDGET_EXCEEDED and exc.value.details["left"] == 0
 
 
 @pytest.mark.anyio

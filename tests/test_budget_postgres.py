@@ -4,7 +4,7 @@ The tests of tests/test_budget.py are run unchanged, with the ledger, the worker
 monitor and the state reader pointed at PostgreSQL on 127.0.0.1:5432 (a schema of their own per
 test): four OS processes with 250 reservations in flight each never cross the cap and never refuse
 falsely; a process SIGKILLed inside a transaction loses its uncommitted write and its reservations
-come back after their TTL; sweeps, late settles, lowered limits, all-or-nothing across limits.
+come back after their TTL; sweeps, late settles (booked in full, as overruns), lowered limits, all-or-nothing across limits.
 Skipped without PostgreSQL; failed under CI=true.
 """
 
@@ -138,8 +138,9 @@ def test_sweep_returns_expired_reservations(on_postgres: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("in_table", [True, False], ids=["operator-limit", "charter-default-limit"])
-def test_a_late_settle_commits_only_what_still_fits(on_postgres: str, tmp_path: Path, in_table: bool) -> None:
-    tb.test_a_late_settle_commits_only_what_still_fits(tmp_path, in_table)
+def test_a_late_settle_books_the_real_use_and_names_the_cap_it_crossed(on_postgres: str, tmp_path: Path,
+                                                                       in_table: bool) -> None:
+    tb.test_a_late_settle_books_the_real_use_and_names_the_cap_it_crossed(tmp_path, in_table)
 
 
 def test_asking_nothing_fits_even_under_a_lowered_limit(on_postgres: str, tmp_path: Path) -> None:

@@ -111,6 +111,18 @@ LINT_CASES: list[tuple[str, str, str, str]] = [
      + '\neffect = "approve"\ntier = "T3"\n', "`when` must be a CEL expression", "error"),
     ("reason-not-string", HEAD + '\n[[rules]]\nid = "w"\naction = "fs.write"\neffect = "allow"\ntier = "T1"\nreason = 5  '
      + MARK + "\n", "`reason` must be a string", "error"),
+    ("cel-function-typo", HEAD + OK_RULE + '\n[[rules]]\nid = "net"\naction = "net.http"\nwhen = \'host.endswith(".internal")\'  '
+     + MARK + '\neffect = "allow"\ntier = "T2"\n', "calls endswith(), which CEL does not have (did you mean endsWith()?)",
+     "error"),
+    ("cel-unknown-function", HEAD + '\n[[rules]]\nid = "big"\naction = "spend.>"\neffect = "approve"\ntier = "T3"\n'
+     'when = "max(amount_usd, 1) > 5"  ' + MARK + "\n", "calls max(), which CEL does not have", "error"),
+    ("inline-rules-second", HEAD + 'rules = [\n  { id = "a", action = "fs.read", effect = "allow", tier = "T0", reason = "{ [" },\n'
+     '  { id = "b", action = "fs.write", effect = "alow", tier = "T1" },  ' + MARK + '\n]\n',
+     "rule 'b': `effect` must be one of", "error"),
+    ("inline-rules-third-when", HEAD + 'rules = [ { id = "a", action = "fs.read", effect = "allow", tier = "T0" },\n'
+     '  { id = "b", action = "fs.write", effect = "allow", tier = "T1" },  # } a brace in a comment\n'
+     '  { id = "c", action = "net.http", effect = "allow", tier = "T2", when = \'host.startswith("x")\' } ]  ' + MARK + "\n",
+     "rule 'c': condition calls startswith()", "error"),
     ("shadowed-rule", HEAD + OK_RULE + '\n[[rules]]  ' + MARK + '\nid = "never"\naction = "fs.read"\nwhen = "true"\n'
      'effect = "deny"\ntier = "T0"\n', "rule 'never' can never match 'fs.read': rule 'ok' above it", "warning"),
     ("shadowed-by-wildcard", HEAD + '\n[[rules]]\nid = "all-net"\naction = "net.>"\neffect = "deny"\ntier = "T2"\n'
@@ -528,6 +540,85 @@ def test_a_test_file_for_a_missing_or_broken_policy_is_an_error(tmp_path: Path) 
     assert proc.returncode == 1 and "needs `action` and `expect`" in proc.stderr
 
 
+def test_a_case_with_an_unknown_key_is_refused_naming_key_case_and_line(tmp_path: Path) -> None:
+    """A misspelt key would silently test something else (here: any expectation at all)."""
+    home = make_home(tmp_path / "h")
+    t = home.policies_dir / "tests" / "typo.toml"
+    t.write_text('policy = "default"\n\n[[case]]\nname = "fine"\nrole = "worker"\naction = "fs.read"\nexpect = "allow"\n\n'
+                 '[[case]]\nname = "misspelt"\nrole = "worker"\naction = "fs.read"\nexpect = "allow"\n'
+                 'atrs = { path = "x" }\n')
+    proc = charter(home, "policy", "test", str(t))
+    assert proc.returncode == 1 and "passed" not in proc.stdout
+    err = " ".join(proc.stderr.split())
+    assert "case 'misspelt': unknown key 'atrs'" in err and f"{t}:14: case[1]" in err, proc.stderr
+    t.write_text('policy = "default"\nsuite = "x"\n\n[[case]]\nrole = "worker"\naction = "fs.read"\nexpect = "allow"\n')
+    proc = charter(home, "policy", "test", str(t))
+    assert proc.returncode == 1 and "unknown key 'suite'" in proc.stderr and f"{t}:2" in proc.stderr
+
+
+def test_a_bad_max_tier_in_a_case_is_a_clear_error(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "h")
+    t = home.policies_dir / "tests" / "tier.toml"
+    t.write_text('policy = "default"\n\n[[case]]\nname = "tier typo"\nmax_tier = "T9"\naction = "fs.read"\n'
+                 'expect = "allow"\n')
+    proc = charter(home, "policy", "test", str(t))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "case 'tier typo': max_tier 'T9' is not one of T0, T1, T2, T3" in err and f"{t}:5: case[0]" in err
+
+
+def test_policy_test_errors_give_the_line(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "h")
+    t = home.policies_dir / "tests" / "lines.toml"
+    t.write_text('policy = "default"\n\n[[case]]\nname = "no expectation"\nrole = "worker"\naction = "fs.read"\n'
+                 'expect = "maybe"\n')
+    proc = charter(home, "policy", "test", str(t))
+    assert proc.returncode == 1 and f"{t}:7: case[0]" in " ".join(proc.stderr.split())
+    t.write_text('policy = "default"\n\n[[case]]\nrole = "worker"\naction = fs.read\n')  # not TOML
+    proc = charter(home, "policy", "test", str(t))
+    assert proc.returncode == 1 and "not valid TOML" in proc.stderr and f"{t}:5" in proc.stderr
+
+
+def test_an_unknown_max_tier_denies_instead_of_crashing() -> None:
+    e = engine(r("w", "fs.write", tier="T1"))
+    d = e.decide(Subject("a", "a", "worker", "T9"), "fs.write", {})
+    assert d.effect == "deny" and "max_tier 'T9' is not one of T0, T1, T2, T3" in d.reason
+
+
+# One use of every function lint accepts: each must compile and evaluate in the engine's CEL.
+CEL_SAMPLES = {
+    "size": 'size("ab") == 2', "contains": '"ab".contains("a")', "startsWith": '"ab".startsWith("a")',
+    "endsWith": '"ab".endsWith("b")', "matches": '"ab".matches("^a")', "int": 'int("1") == 1',
+    "uint": "uint(1) == uint(1)", "double": "double(1) == 1.0", "string": 'string(1) == "1"',
+    "bytes": 'bytes("a") == b"a"', "type": "type(1) == int", "dyn": "dyn(1) == 1",
+    "timestamp": 'timestamp("2020-01-01T00:00:00Z") < timestamp("2021-01-01T00:00:00Z")',
+    "duration": 'duration("1s") < duration("2s")',
+    **{f: f'timestamp("2020-01-01T00:00:00Z").{f}() >= 0' for f in (
+        "getFullYear", "getMonth", "getDate", "getDayOfMonth", "getDayOfYear", "getDayOfWeek", "getHours",
+        "getMinutes", "getSeconds", "getMilliseconds")},
+    "of": "optional.of(1).hasValue()", "ofNonZeroValue": "optional.ofNonZeroValue(1).hasValue()",
+    "none": "!optional.none().hasValue()", "hasValue": "optional.of(1).hasValue()",
+    "value": "optional.of(1).value() == 1", "or": "optional.none().or(optional.of(1)).value() == 1",
+    "orValue": "optional.none().orValue(1) == 1",
+}
+
+
+def test_every_cel_function_lint_accepts_is_real_and_others_are_not() -> None:
+    from charter.policy.engine import CEL_FUNCTIONS, compile_condition, unknown_functions
+
+    assert set(CEL_SAMPLES) == set(CEL_FUNCTIONS)
+    for name, expr in CEL_SAMPLES.items():
+        program = compile_condition(expr)
+        assert name in program.functions() and unknown_functions(program) == [], name
+        assert program.execute(cel.Context({})) is True, (name, expr)
+    # Names lint refuses really are missing: they compile, then fail when evaluated.
+    for expr in ('"ab".endswith("b")', "max(1, 2) == 2", '"A".lowerAscii() == "a"', '"a,b".split(",") == []'):
+        program = compile_condition(expr)
+        assert unknown_functions(program), expr
+        with pytest.raises(Exception, match="Undefined variable or function"):
+            program.execute(cel.Context({}))
+
+
 # -- binding: the charter's policy hash decides until renewal ---------------------------------
 
 
@@ -661,7 +752,7 @@ async def test_act_publishes_a_decision_event(daemon: Daemon) -> None:
 async def test_an_action_requested_on_the_bus_gets_a_decision_referencing_it(daemon: Daemon) -> None:
     alpha = await daemon.enroll("alpha", "worker")
     try:
-        env = alpha.seal("agents.alpha.actions", {"action": "model.call", "attrs": {"provider": "ollama"}}, kind="action")
+        env = alpha.seal("agents.alpha.actions", {"action": "model.call", "attrs": {"provider": "ollama", "paid": False}}, kind="action")
         receipt = await alpha.publish_envelope(env)
         assert receipt["id"] == env.id
         ev = await wait_for_event(daemon, "charter.decisions.alpha",

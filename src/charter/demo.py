@@ -294,7 +294,8 @@ async def scenario(home: Home, work: Path) -> None:
     await boss.close()
 
     step(9, "A budget that is never crossed",
-         "alpha's role gives it $1 a day. Before a paid call the agent reserves the most it could cost; "
+         "alpha's role gives it $1 a day; the operator lowers alpha's own limit to $0.02 a day. Before a "
+         "paid call the agent reserves the most it could cost; "
          "after it, it settles the real usage and the rest returns. A request that would cross the limit "
          "is refused before it runs, naming what is left and which free local models remain.")
     charter(home, "budget", "set", "--scope", "agent:alpha", "--limit", "0.02", "--period", "day")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from charter.budget.ledger import BUDGET_EXCEEDED, Limit
+from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
-from charter.budget.prices import MICRO, Price, PriceTable
+from charter.budget.prices import FREE, MICRO, Price, PriceTable
 from charter.bus.envelope import Envelope
 from charter.bus.log.base import Receipt
 from charter.bus.subjects import SubjectError, validate_pattern
@@ -32,6 +33,26 @@ Emit = Callable[[str, Any], Awaitable[Receipt]]
 
 def _now() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """An admitted spend: the decision, its reservation (None if none was taken), the approval it used."""
+
+    decision: Decision
+    reservation: Reservation | None
+    usd: int
+    approval: Approval | None = None
+
+
+class SpendRefused(CharterError):
+    """A spend refused by policy, for want of an approval, or by a budget; carries the decision."""
+
+    def __init__(self, code: str, message: str, where: str | None, decision: Decision,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(code, message, where)
+        self.decision = decision
+        self.details = details
 
 
 class Governance:
@@ -101,7 +122,8 @@ class Governance:
             return Decision(DENY, d.rule, d.tier, f"{d.reason}; publishing cannot wait for an approval, use act()")
         return d
 
-    async def _decision_event(self, agent: AgentRecord, action: str, d: Decision, **extra: Any) -> None:
+    async def publish_decision(self, agent: AgentRecord, action: str, d: Decision, **extra: Any) -> None:
+        """One event per decision on `charter.decisions.NAME` (what the T3 audit in reflect reads)."""
         await self.emit(f"charter.decisions.{agent.name}", {
             "agent_id": agent.id, "action": action, "effect": d.effect, "rule": d.rule, "tier": d.tier,
             "reason": d.reason, **extra})
@@ -114,19 +136,19 @@ class Governance:
         d = self.evaluate(agent, action, attrs)
         extra: dict[str, Any] = {"request": request} if request else {}
         if d.effect != APPROVE:
-            await self._decision_event(agent, action, d, **extra)
+            await self.publish_decision(agent, action, d, **extra)
             return {"decision": d.to_dict(), "effect": d.effect}
         window = self.approvals.window_for(agent.id, action)
         if window is not None:
             allowed = Decision(ALLOW, d.rule, d.tier, f"inside approval window {window.id}", d.path)
-            await self._decision_event(agent, action, allowed, approval_id=window.id, **extra)
+            await self.publish_decision(agent, action, allowed, approval_id=window.id, **extra)
             await self.emit(f"charter.approvals.{agent.name}", {"approval_id": window.id, "state": "used",
                                                                  "agent_id": agent.id, "action": action, "window": True})
             return {"decision": allowed.to_dict(), "effect": ALLOW, "approval_id": window.id}
         approval = self.approvals.request(
             agent_id=agent.id, agent_name=agent.name, action=action, attrs=attrs, rule=d.rule, tier=d.tier,
             reason=d.reason, ttl_s=self.config.policy.approval_ttl)
-        await self._decision_event(agent, action, d, approval_id=approval.id, **extra)
+        await self.publish_decision(agent, action, d, approval_id=approval.id, **extra)
         await self.emit(f"charter.approvals.{agent.name}", {**_approval_event(approval)})
         return {"decision": d.to_dict(), "effect": APPROVE, "approval_id": approval.id,
                 "expires_at": approval.expires_at}
@@ -222,16 +244,71 @@ class Governance:
             except KeyError:
                 free = kind == "ollama"
             if free and self.evaluate(agent, "model.call", {"provider": kind, "backend": backend, "model": name,
-                                                            "paid": False}).allowed:
+                                                            "paid": False, "amount_usd": 0.0}).allowed:
                 out.append(ref)
         return out
 
+    def admit_spend(self, agent: AgentRecord, action: str, attrs: dict[str, Any], *, usd: int, tokens: int,
+                    model: str, ttl_s: float, approval_id: str | None = None, limits: list[Limit] | None = None,
+                    reserve: bool | None = True) -> Spend:
+        """Policy, approval, tier cap and budget for one spend, in that order, publishing nothing.
+
+        The one path every spend takes (the reserve API and the gateway's model calls), so a tier cap
+        or an amount rule cannot be skipped by calling the ledger directly. An `approve` decision goes
+        through only with an approval: `approval_id`, or a window covering this agent and action; a
+        one-shot approval is spent on this reservation exactly once. With `reserve=False`, or no limit
+        to reserve against when `reserve` is None, nothing is reserved. Raises SpendRefused.
+        """
+        d = self.evaluate(agent, action, attrs)
+        if d.effect == DENY:
+            raise SpendRefused(POLICY_DENIED, d.reason, "action", d, {"decision": d.to_dict()})
+        approval = None
+        if d.effect == APPROVE:
+            try:
+                approval = self.approvals.for_spend(approval_id, agent_id=agent.id, action=action, usd_micros=usd)
+            except CharterError as exc:
+                raise SpendRefused(exc.code, exc.message, exc.where, d, {"decision": d.to_dict()}) from None
+            if approval is None:
+                raise SpendRefused(APPROVAL_REQUIRED, f"{d.reason}; ask with act() first and pass its approval_id",
+                                   "action", d, {"decision": d.to_dict()})
+            d = Decision(ALLOW, d.rule, d.tier, f"{d.reason}; approved ({approval.id})", d.path)
+        cap = self.config.budget.tier_caps.get(d.tier or "T0")  # type: ignore[call-overload]
+        if cap is not None and usd > cap * MICRO:
+            raise SpendRefused(BUDGET_EXCEEDED, f"one {d.tier} action may reserve at most ${cap:g}; asked ${usd / MICRO:g}",
+                               f"tier_cap:{d.tier}", d, {"asked": usd, "cap": int(cap * MICRO), "tier": d.tier})
+        if reserve is False:
+            return Spend(d, None, usd, approval)
+        limits = self.limits_for(agent) if limits is None else limits
+        if reserve is None and not limits:
+            return Spend(d, None, usd, approval)
+        try:
+            res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens, limits=limits,
+                                      model=model, action=action, ttl_s=ttl_s)
+        except CharterError as exc:
+            if exc.code != BUDGET_EXCEEDED:
+                raise
+            msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
+            raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
+        if approval is not None and approval.window_until is None:
+            try:
+                approval = self.approvals.bind_reservation(approval.id, res.id)
+            except CharterError as exc:  # spent meanwhile by a concurrent reservation: give this one back
+                self.ledger.release(res.id)
+                raise SpendRefused(exc.code, exc.message, exc.where, d, {"decision": d.to_dict()}) from None
+        return Spend(d, res, usd, approval)
+
     async def reserve(self, agent: AgentRecord, req: dict[str, Any]) -> dict[str, Any]:
-        """Reserve for one action: sized from the model's price and the request's maximum tokens."""
+        """Reserve for one action: sized from the model's price and the request's maximum tokens.
+
+        One decision event per call, whatever the outcome (a budget refusal also has its budget event).
+        """
         action = req.get("action", "model.call")
         model = req.get("model") or ""
+        approval_id = req.get("approval_id")
         if not isinstance(action, str) or not isinstance(model, str):
             raise CharterError(BAD_REQUEST, "action and model are strings", "action")
+        if approval_id is not None and not isinstance(approval_id, str):
+            raise CharterError(BAD_REQUEST, "approval_id is a string (the id act() returned)", "approval_id")
         try:
             tokens_in = int(req.get("input_tokens", 0))
             max_out = int(req.get("max_output_tokens", 0))
@@ -244,6 +321,8 @@ class Governance:
                 usd = int(round(float(req["usd"]) * MICRO))
             except (TypeError, ValueError, OverflowError):
                 raise CharterError(BAD_REQUEST, "usd is a finite number of dollars", "usd") from None
+            if usd < 0:
+                raise CharterError(BAD_REQUEST, f"usd cannot be negative, got {req['usd']}", "usd")
         elif model:
             try:
                 usd = self.prices.price(model).cost_micros(tokens_in, max_out)
@@ -252,34 +331,42 @@ class Governance:
         else:
             usd = 0
         provider, _, name = model.partition("/")
-        attrs = {"provider": provider, "model": name, "amount_usd": usd / MICRO, "tokens": tokens_in + max_out}
-        d = self.evaluate(agent, action, attrs)
-        if d.effect == DENY:
-            await self._decision_event(agent, action, d)
-            raise CharterError(POLICY_DENIED, d.reason, "action").with_details({"decision": d.to_dict()})
-        if d.effect == APPROVE:
-            raise CharterError(APPROVAL_REQUIRED, f"{d.reason}; ask with act() first", "action").with_details(
-                {"decision": d.to_dict()})
-        cap = self.config.budget.tier_caps.get(d.tier or "T0")  # type: ignore[call-overload]
-        if cap is not None and usd > cap * MICRO:
-            err = CharterError(BUDGET_EXCEEDED, f"one {d.tier} action may reserve at most ${cap:g}; asked ${usd / MICRO:g}",
-                               f"tier_cap:{d.tier}").with_details({"asked": usd, "cap": int(cap * MICRO), "tier": d.tier,
-                                                                   "free_models": self.free_models(agent)})
-            await self._refused(agent, err)
-            raise err
+        paid = usd > 0
+        if model and not paid:  # as the gateway says it: a model with a price is paid (unknown: paid)
+            try:
+                paid = self.prices.price(model) != FREE
+            except KeyError:
+                paid = True
+        attrs = {"provider": provider, "model": name, "paid": paid, "amount_usd": usd / MICRO,
+                 "tokens": tokens_in + max_out}
         try:
-            res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens_in + max_out,
-                                      limits=self.limits_for(agent), model=model, action=action,
-                                      ttl_s=self._ttl(req.get("ttl_s")))
-        except CharterError as err:
+            spend = self.admit_spend(agent, action, attrs, usd=usd, tokens=tokens_in + max_out, model=model,
+                                     ttl_s=self._ttl(req.get("ttl_s")), approval_id=approval_id)
+        except SpendRefused as err:
+            d = err.decision
             if err.code == BUDGET_EXCEEDED:
-                err.message = err.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
                 err.details = {**(err.details or {}), "free_models": self.free_models(agent)}
+                await self.publish_decision(agent, action, Decision(DENY, d.rule, d.tier, err.message, d.path),
+                                           code=err.code, usd_micros=usd)
                 await self._refused(agent, err)
+            else:
+                await self.publish_decision(agent, action, d, code=err.code, usd_micros=usd,
+                                           **({"approval_id": approval_id} if approval_id else {}))
             raise
-        for alert in res.alerts:
-            await self.emit("charter.budget.alerts", {"agent_id": agent.id, "name": agent.name, **alert})
-        return {**res.to_dict(), "usd": usd / MICRO, "tier": d.tier, "rule": d.rule}
+        res, d = spend.reservation, spend.decision
+        if res is None:  # cannot happen: reserve=True always reserves; refuse rather than hand out nothing
+            raise CharterError("internal", "no reservation was taken", "budget")
+        used = spend.approval.id if spend.approval else None
+        await self.publish_decision(agent, action, d, reservation_id=res.id, usd_micros=usd,
+                                   **({"approval_id": used} if used else {}))
+        if spend.approval is not None and spend.approval.window_until is None:
+            await self.emit(f"charter.approvals.{agent.name}", {**_approval_event(spend.approval), "state": "used",
+                                                                 "reservation_id": res.id})
+        await self.publish_alerts(agent, res.alerts)
+        out = {**res.to_dict(), "usd": usd / MICRO, "tier": d.tier, "rule": d.rule}
+        if used:
+            out["approval_id"] = used
+        return out
 
     def _ttl(self, value: Any) -> float:
         """A reservation lives at most `budget.reservation_ttl`: an agent cannot park shared money."""
@@ -293,6 +380,11 @@ class Governance:
         if not 0 < ttl < float("inf"):
             raise CharterError(BAD_REQUEST, "ttl_s must be a positive, finite number of seconds", "ttl_s")
         return min(ttl, cap)
+
+    async def publish_alerts(self, agent: AgentRecord, alerts: Iterable[dict[str, Any]]) -> None:
+        """Budget alerts (a soft threshold reached, an overrun booked) on `charter.budget.alerts`."""
+        for alert in alerts:
+            await self.emit("charter.budget.alerts", {"agent_id": agent.id, "name": agent.name, **alert})
 
     async def _refused(self, agent: AgentRecord, err: CharterError) -> None:
         await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "refused",
@@ -320,6 +412,7 @@ class Governance:
                                                          "reservation_id": rid, "usd_micros": usd,
                                                          "tokens_in": tokens_in, "tokens_out": tokens_out,
                                                          "overrun": s.overrun, "late": s.late})
+        await self.publish_alerts(agent, s.alerts)
         return {"reservation_id": rid, "usd": usd / MICRO, "tokens": s.tokens, "overrun": s.overrun, "late": s.late}
 
     def release(self, agent: AgentRecord, rid: Any) -> dict[str, Any]:

@@ -7,7 +7,14 @@ processes are serialised by an exclusive `flock` taken before the transaction, w
 writer the moment the lock is free (SQLite's own busy handler sleeps in steps of milliseconds).
 
 A reservation carries an expiry: one leaked by a crashed client is swept back into the budget by
-the next writer after its TTL.
+the next writer after its TTL (every expired one, however many leaked, before any limit is checked).
+
+Settling books the real use, always: `committed` is the sum of what the `spend` rows say, so a
+budget never reads as within while its spend is over. Use beyond the reservation (a caller that
+under-reserved, or settled after its reservation expired and the money went back) is an *overrun*:
+the settlement says so, the spend row is flagged, and `Settlement.alerts` names every limit the
+booking pushed over its hard cap, for the caller to publish. Reserving enough up front is what
+keeps an overrun from happening; the gateway sends the backend the output limit it reserved for.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
 
 BUDGET_EXCEEDED = "budget_exceeded"
 UNITS = ("usd", "tokens")
+SWEEP_BATCH = 500  # expired reservations read at a time; a sweep repeats until none is left
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_limits (
@@ -133,6 +141,32 @@ def _charges(text: str) -> list[tuple[str, str, str, str, int, int | None]]:
     return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in json.loads(text)]
 
 
+def validate_limit(limit: Limit) -> None:
+    """Refuse a malformed limit, naming the field and the value that is wrong."""
+    if limit.unit not in UNITS:
+        raise CharterError(BAD_REQUEST, f"unknown unit {limit.unit!r}: use {' or '.join(UNITS)}", "unit")
+    if limit.period not in PERIODS:
+        raise CharterError(BAD_REQUEST, f"unknown period {limit.period!r}: use one of {', '.join(PERIODS)}", "period")
+    if not (limit.scope == "global" or (limit.scope.startswith(("role:", "agent:")) and limit.scope.split(":", 1)[1])):
+        raise CharterError(BAD_REQUEST, f"scope {limit.scope!r} is not global, role:NAME or agent:ID", "scope")
+    if limit.hard < 0:
+        raise CharterError(BAD_REQUEST, f"the limit must be 0 or more, got {limit.hard}", "limit")
+    if not 0 < limit.soft_ratio <= 1:
+        raise CharterError(BAD_REQUEST, f"soft_ratio must be in (0, 1], got {limit.soft_ratio:g}", "soft_ratio")
+
+
+def overrun_alert(reservation_id: str, model: str, r_usd: int, r_tokens: int, usd: int, tokens: int,
+                  late: bool, crossed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The alert a settlement beyond its reservation raises: what was held, what was booked, which caps broke."""
+    return {"kind": "overrun", "reservation_id": reservation_id, "model": model, "late": late,
+            "reserved_usd": r_usd, "reserved_tokens": r_tokens, "usd": usd, "tokens": tokens, "crossed": crossed}
+
+
+def _crossed(scope: str, unit: str, period: str, key: str, used: int, hard: int) -> dict[str, Any]:
+    return {"scope": scope, "unit": unit, "period": period, "period_key": key, "used": used, "hard": hard,
+            "over": used - hard}
+
+
 def describe(unit: str, amount: int) -> str:
     return f"${amount / 1e6:.6f}".rstrip("0").rstrip(".") if unit == "usd" else f"{amount} tokens"
 
@@ -170,12 +204,7 @@ class Ledger:
     # -- limits ----------------------------------------------------------------------------
 
     def set_limit(self, limit: Limit) -> None:
-        if limit.unit not in UNITS or limit.period not in PERIODS:
-            raise CharterError(BAD_REQUEST, f"unit must be usd or tokens and period one of {', '.join(PERIODS)}", "budget")
-        if not (limit.scope == "global" or limit.scope.startswith(("role:", "agent:"))):
-            raise CharterError(BAD_REQUEST, "scope is global, role:NAME or agent:ID", "scope")
-        if limit.hard < 0 or not 0 < limit.soft_ratio <= 1:
-            raise CharterError(BAD_REQUEST, "the limit must be >= 0 and soft_ratio in (0, 1]", "limit")
+        validate_limit(limit)
         with self._txn() as db:
             db.execute(
                 "INSERT INTO budget_limits VALUES (?,?,?,?,?,?) ON CONFLICT (scope, unit, period) DO UPDATE SET "
@@ -184,6 +213,7 @@ class Ledger:
             )
 
     def remove_limit(self, scope: str, unit: str, period: str) -> None:
+        validate_limit(Limit(scope, unit, period, 0))
         with self._txn() as db:
             cur = db.execute("DELETE FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
             if cur.rowcount == 0:
@@ -208,17 +238,29 @@ class Ledger:
     # -- reserve, settle, release ----------------------------------------------------------
 
     def _sweep(self, db: Any, now: int) -> int:
-        rows = db.execute(
-            "SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= ? LIMIT 500", (now,)
-        ).fetchall()
-        for rid, charges in rows:
-            for scope, unit, period, key, amount, _ in _charges(charges):
-                db.execute(
-                    "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                    (amount, scope, unit, period, key),
-                )
-            db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
-        return len(rows)
+        """Return every expired reservation's money, in batches, until none is left.
+
+        All of them, not one batch: a reservation checked after a large leak must not be refused for
+        money whose TTL has passed.
+        """
+        swept = 0
+        while True:
+            rows = db.execute(
+                "SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= ? LIMIT ?",
+                (now, SWEEP_BATCH),
+            ).fetchall()
+            for rid, charges in rows:
+                for scope, unit, period, key, amount, _ in _charges(charges):
+                    if amount:
+                        db.execute(
+                            "UPDATE budget_usage SET reserved = reserved - ? "
+                            "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                            (amount, scope, unit, period, key),
+                        )
+                db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
+            swept += len(rows)
+            if len(rows) < SWEEP_BATCH:
+                return swept
 
     def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
                 model: str = "", action: str = "model.call", ttl_s: float = 600.0,
@@ -251,6 +293,8 @@ class Ledger:
                                     "period_key": key, "asked": amount, "left": max(left, 0),
                                     "hard": lim.hard, "committed": committed, "reserved": reserved})
                 if amount == 0:
+                    # Nothing held, but the limit is recorded: the real use is booked on it at settle.
+                    charges.append((lim.scope, lim.unit, lim.period, key, 0, lim.hard))
                     continue
                 if not row:
                     db.execute("INSERT INTO budget_usage VALUES (?,?,?,?,0,0,0)", (lim.scope, lim.unit, lim.period, key))
@@ -265,7 +309,7 @@ class Ledger:
                         "UPDATE budget_usage SET alerted = 1 WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                         (lim.scope, lim.unit, lim.period, key),
                     )
-                    alerts.append({"scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key,
+                    alerts.append({"kind": "soft", "scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key,
                                    "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
             expires = now + int(ttl_s * 1000)
             db.execute(
@@ -276,7 +320,11 @@ class Ledger:
 
     def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
                agent_id: str | None = None, now: int | None = None) -> Settlement:
-        """Commit the actual use (at most what was reserved) and release the rest."""
+        """Book the actual use and release the rest of the reservation.
+
+        The real amount is booked even when it is more than was reserved (see the module doc):
+        the settlement is then an overrun, with an alert naming each limit it pushed over.
+        """
         if usd < 0 or tokens_in < 0 or tokens_out < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
         now = _now() if now is None else now
@@ -291,16 +339,25 @@ class Ledger:
             owner, role, model, r_usd, r_tokens, charges, state = row
             if state in ("settled", "released"):
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
-            overrun = usd > r_usd or tokens > r_tokens
-            c_usd, c_tokens = min(usd, r_usd), min(tokens, r_tokens)
-            late = state == "expired"
+            late = state == "expired"  # swept already: what it held is back in the budget
+            crossed: list[dict[str, Any]] = []
             for scope, unit, period, key, amount, hard_then in _charges(charges):
-                actual = c_usd if unit == "usd" else c_tokens
-                if late:
-                    # Swept already: commit only what still fits, so the cap still holds.
-                    got = db.execute(
-                        "SELECT reserved + committed FROM budget_usage WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                        (scope, unit, period, key),
+                actual = usd if unit == "usd" else tokens
+                held = 0 if late else amount
+                where = (scope, unit, period, key)
+                if held == 0:
+                    if actual == 0:
+                        continue
+                    db.execute("INSERT OR IGNORE INTO budget_usage VALUES (?,?,?,?,0,0,0)", where)
+                db.execute(
+                    "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
+                    "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                    (held, actual, *where),
+                )
+                if actual > held:  # this booking grew the period's use: did it cross the cap?
+                    reserved, committed = db.execute(
+                        "SELECT reserved, committed FROM budget_usage "
+                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?", where,
                     ).fetchone()
                     hard = db.execute(
                         "SELECT hard FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
@@ -308,19 +365,9 @@ class Ledger:
                     # A limit that is not in budget_limits (an agent's default from its charter) is
                     # capped by the hard it had when the reservation was taken.
                     cap = hard[0] if hard else hard_then
-                    room = (cap - got[0]) if cap is not None and got else actual
-                    if actual > room:
-                        overrun, actual = True, max(room, 0)
-                    db.execute(
-                        "UPDATE budget_usage SET committed = committed + ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                        (actual, scope, unit, period, key),
-                    )
-                else:
-                    db.execute(
-                        "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
-                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                        (amount, actual, scope, unit, period, key),
-                    )
+                    if cap is not None and reserved + committed > cap:
+                        crossed.append(_crossed(scope, unit, period, key, reserved + committed, cap))
+            overrun = usd > r_usd or tokens > r_tokens or bool(crossed)
             db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, reservation_id))
             db.execute(
                 "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
@@ -328,7 +375,8 @@ class Ledger:
                 (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
                  period_key("day", now, self.tz), int(overrun)),
             )
-        return Settlement(reservation_id, usd, tokens, overrun, late)
+        alerts = [overrun_alert(reservation_id, model, r_usd, r_tokens, usd, tokens, late, crossed)] if overrun else []
+        return Settlement(reservation_id, usd, tokens, overrun, late, alerts)
 
     def release(self, reservation_id: str, *, agent_id: str | None = None, now: int | None = None) -> None:
         now = _now() if now is None else now
@@ -339,10 +387,12 @@ class Ledger:
             if row[2] != "held":
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
             for scope, unit, period, key, amount, _ in _charges(row[1]):
-                db.execute(
-                    "UPDATE budget_usage SET reserved = reserved - ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                    (amount, scope, unit, period, key),
-                )
+                if amount:
+                    db.execute(
+                        "UPDATE budget_usage SET reserved = reserved - ? "
+                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                        (amount, scope, unit, period, key),
+                    )
             db.execute("UPDATE reservations SET state = 'released', closed_at = ? WHERE id = ?", (now, reservation_id))
 
     def sweep(self, now: int | None = None) -> int:
@@ -366,7 +416,8 @@ class Ledger:
             ).fetchone()
             reserved, committed = row if row else (0, 0)
             out.append({**lim.to_dict(), "period_key": key, "reserved": reserved, "committed": committed,
-                        "left": max(lim.hard - reserved - committed, 0)})
+                        "left": max(lim.hard - reserved - committed, 0),
+                        "over": max(reserved + committed - lim.hard, 0)})
         return out
 
     def history(self, *, by: str = "day", since_ms: int = 0, agent_id: str | None = None) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ expired ones back (its own transaction); a sweep waits for expired reservations 
 transaction is sweeping or settling at that moment instead of skipping them, so that no
 reservation is refused money that is on its way back (as with SQLite, where the sweep runs inside
 the reservation's transaction). A deadlock or serialization failure (which that ordering should
-never produce) is retried.
+never produce) is retried. Settling books the real use, an overrun included, exactly as the SQLite
+ledger does (see charter.budget.ledger).
 
 Connections: a small pool per process (default 4), shared by threads.
 """
@@ -29,8 +30,19 @@ from zoneinfo import ZoneInfo
 
 from ulid import ULID
 
-from charter.budget.ledger import BUDGET_EXCEEDED, UNITS, Limit, Reservation, Settlement, _charges, describe
-from charter.budget.periods import PERIODS, period_key
+from charter.budget.ledger import (
+    BUDGET_EXCEEDED,
+    SWEEP_BATCH,
+    Limit,
+    Reservation,
+    Settlement,
+    _charges,
+    _crossed,
+    describe,
+    overrun_alert,
+    validate_limit,
+)
+from charter.budget.periods import period_key
 from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
 
 T = TypeVar("T")
@@ -161,18 +173,15 @@ class PgLedger:
     # -- limits ----------------------------------------------------------------------------
 
     def set_limit(self, limit: Limit) -> None:
-        if limit.unit not in UNITS or limit.period not in PERIODS:
-            raise CharterError(BAD_REQUEST, f"unit must be usd or tokens and period one of {', '.join(PERIODS)}", "budget")
-        if not (limit.scope == "global" or limit.scope.startswith(("role:", "agent:"))):
-            raise CharterError(BAD_REQUEST, "scope is global, role:NAME or agent:ID", "scope")
-        if limit.hard < 0 or not 0 < limit.soft_ratio <= 1:
-            raise CharterError(BAD_REQUEST, "the limit must be >= 0 and soft_ratio in (0, 1]", "limit")
+        validate_limit(limit)
         self._run(lambda c: c.execute(
             "INSERT INTO budget_limits VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (scope, unit, period) DO UPDATE SET "
             "hard = excluded.hard, soft_ratio = excluded.soft_ratio, updated_at = excluded.updated_at",
             (limit.scope, limit.unit, limit.period, limit.hard, limit.soft_ratio, _now())))
 
     def remove_limit(self, scope: str, unit: str, period: str) -> None:
+        validate_limit(Limit(scope, unit, period, 0))
+
         def body(c: Any) -> None:
             cur = c.execute("DELETE FROM budget_limits WHERE scope = %s AND unit = %s AND period = %s",
                             (scope, unit, period))
@@ -207,23 +216,33 @@ class PgLedger:
         return out
 
     def _sweep(self, c: Any, now: int) -> int:
+        """One batch of expired reservations back into the budget; how many."""
         # FOR UPDATE, not SKIP LOCKED: a reservation that another transaction is sweeping (or settling)
         # right now is waited for, so no reserve goes on to count money that is on its way back.
         rows = c.execute("SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= %s "
-                         "ORDER BY id LIMIT 500 FOR UPDATE", (now,)).fetchall()
+                         "ORDER BY id LIMIT %s FOR UPDATE", (now, SWEEP_BATCH)).fetchall()
         if not rows:
             return 0
         charges = [(rid, _charges(text)) for rid, text in rows]
-        self._lock_rows(c, [(s, u, p, k) for _, ch in charges for s, u, p, k, _, _ in ch])
+        self._lock_rows(c, [(s, u, p, k) for _, ch in charges for s, u, p, k, a, _ in ch if a])
         for rid, ch in charges:
             for scope, unit, period, key, amount, _ in ch:
-                c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
-                          (amount, scope, unit, period, key))
+                if amount:
+                    c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
+                              (amount, scope, unit, period, key))
             c.execute("UPDATE reservations SET state = 'expired', closed_at = %s WHERE id = %s", (now, rid))
         return len(rows)
 
     def sweep(self, now: int | None = None) -> int:
-        return self._run(lambda c: self._sweep(c, _now() if now is None else now))
+        """Every expired reservation back, batch by batch until none is left (each batch commits on its
+        own, so a large leak does not hold the usage rows' locks for the whole sweep)."""
+        now = _now() if now is None else now
+        total = 0
+        while True:
+            n = self._run(lambda c: self._sweep(c, now))
+            total += n
+            if n < SWEEP_BATCH:
+                return total
 
     # -- reserve, settle, release ----------------------------------------------------------
 
@@ -257,6 +276,7 @@ class PgLedger:
                                     "period_key": key[3], "asked": amount, "left": max(left, 0),
                                     "hard": lim.hard, "committed": committed, "reserved": reserved})
                 if amount == 0:
+                    charges.append((*key, 0, lim.hard))  # nothing held; the real use is booked here at settle
                     continue
                 c.execute(f"UPDATE budget_usage SET reserved = reserved + %s WHERE {_KEY}", (amount, *key))
                 taken[key] = taken.get(key, 0) + amount
@@ -265,7 +285,7 @@ class PgLedger:
                 if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
                     c.execute(f"UPDATE budget_usage SET alerted = 1 WHERE {_KEY}", key)
                     rows[key] = (rows[key][0], rows[key][1], 1)
-                    alerts.append({"scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key[3],
+                    alerts.append({"kind": "soft", "scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key[3],
                                    "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
             expires = now + int(ttl_s * 1000)
             c.execute("INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
@@ -277,6 +297,7 @@ class PgLedger:
 
     def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
                agent_id: str | None = None, now: int | None = None) -> Settlement:
+        """Book the actual use (even beyond the reservation: an overrun, with its alert); release the rest."""
         if usd < 0 or tokens_in < 0 or tokens_out < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
         now = _now() if now is None else now
@@ -290,33 +311,37 @@ class PgLedger:
             owner, role, model, r_usd, r_tokens, charges_text, state = row
             if state in ("settled", "released"):
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
-            overrun = usd > r_usd or tokens > r_tokens
-            c_usd, c_tokens = min(usd, r_usd), min(tokens, r_tokens)
-            late = state == "expired"
+            late = state == "expired"  # swept already: what it held is back in the budget
             charges = _charges(charges_text)
-            locked = self._lock_rows(c, [(s, u, p, k) for s, u, p, k, _, _ in charges])
+            touched = [(s, u, p, k) for s, u, p, k, amount, _ in charges
+                       if (0 if late else amount) or (usd if u == "usd" else tokens)]
+            locked = self._lock_rows(c, touched)
+            crossed: list[dict[str, Any]] = []
             for scope, unit, period, key, amount, hard_then in charges:
-                actual = c_usd if unit == "usd" else c_tokens
+                actual = usd if unit == "usd" else tokens
+                held = 0 if late else amount
                 k = (scope, unit, period, key)
-                if late:  # swept already: commit only what still fits, so the cap still holds
-                    reserved, committed, _ = locked[k]
+                if held == 0 and actual == 0:
+                    continue
+                c.execute(f"UPDATE budget_usage SET reserved = reserved - %s, committed = committed + %s "
+                          f"WHERE {_KEY}", (held, actual, *k))
+                reserved, committed, alerted = locked[k]
+                reserved, committed = reserved - held, committed + actual
+                locked[k] = (reserved, committed, alerted)
+                if actual > held:  # this booking grew the period's use: did it cross the cap?
                     hard = c.execute("SELECT hard FROM budget_limits WHERE scope = %s AND unit = %s AND period = %s",
                                      (scope, unit, period)).fetchone()
                     cap = hard[0] if hard else hard_then
-                    room = (cap - reserved - committed) if cap is not None else actual
-                    if actual > room:
-                        overrun, actual = True, max(room, 0)
-                    c.execute(f"UPDATE budget_usage SET committed = committed + %s WHERE {_KEY}", (actual, *k))
-                    locked[k] = (reserved, committed + actual, locked[k][2])
-                else:
-                    c.execute(f"UPDATE budget_usage SET reserved = reserved - %s, committed = committed + %s "
-                              f"WHERE {_KEY}", (amount, actual, *k))
+                    if cap is not None and reserved + committed > cap:
+                        crossed.append(_crossed(scope, unit, period, key, reserved + committed, cap))
+            overrun = usd > r_usd or tokens > r_tokens or bool(crossed)
             c.execute("UPDATE reservations SET state = 'settled', closed_at = %s WHERE id = %s", (now, reservation_id))
             c.execute("INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, "
                       "overrun) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                       (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
                        period_key("day", now, self.tz), int(overrun)))
-            return Settlement(reservation_id, usd, tokens, overrun, late)
+            alerts = [overrun_alert(reservation_id, model, r_usd, r_tokens, usd, tokens, late, crossed)] if overrun else []
+            return Settlement(reservation_id, usd, tokens, overrun, late, alerts)
 
         return self._run(body)
 
@@ -330,7 +355,7 @@ class PgLedger:
                 raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
             if row[2] != "held":
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
-            charges = _charges(row[1])
+            charges = [ch for ch in _charges(row[1]) if ch[4]]  # only what was held goes back
             self._lock_rows(c, [(s, u, p, k) for s, u, p, k, _, _ in charges])
             for scope, unit, period, key, amount, _ in charges:
                 c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
@@ -356,7 +381,8 @@ class PgLedger:
                                 (lim.scope, lim.unit, lim.period, key)).fetchone()
                 reserved, committed = row if row else (0, 0)
                 out.append({**lim.to_dict(), "period_key": key, "reserved": reserved, "committed": committed,
-                            "left": max(lim.hard - reserved - committed, 0)})
+                            "left": max(lim.hard - reserved - committed, 0),
+                            "over": max(reserved + committed - lim.hard, 0)})
         return out
 
     def history(self, *, by: str = "day", since_ms: int = 0, agent_id: str | None = None) -> list[dict[str, Any]]:

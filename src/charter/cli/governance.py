@@ -132,6 +132,11 @@ def approvals_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Approval requests (pending ones by default)."""
+    from charter.policy.approvals import STATES
+
+    if not all_ and state_ not in STATES:
+        fail(CharterError("bad_request", f"unknown --state {state_!r}: use one of {', '.join(STATES)}, or --all",
+                          "--state"), common.USAGE)
     params = {} if all_ else {"state": state_}
     rows = run(lambda: _admin("GET", "/v1/admin/approvals", params=params))["approvals"]
     if as_json:
@@ -207,7 +212,8 @@ def budget_show(as_json: JsonOpt = False) -> None:
         colour = "red" if used >= 1 else "yellow" if used >= b["soft_ratio"] else "green"
         table.add_row(b["name"], f"{b['period']} {b['period_key']}", b["unit"], _amount(b["unit"], b["hard"]),
                       _amount(b["unit"], b["committed"]), _amount(b["unit"], b["reserved"]),
-                      _amount(b["unit"], b["left"]), f"[{colour}]{used:.0%}[/]")
+                      _amount(b["unit"], b["left"]) if not b.get("over") else f"[red]{_amount(b['unit'], b['over'])} over[/]",
+                      f"[{colour}]{used:.0%}[/]")
     out.print(table)
     err.print(f"[dim]periods aligned to {data['timezone']}[/dim]")
 
@@ -215,7 +221,8 @@ def budget_show(as_json: JsonOpt = False) -> None:
 @budget_app.command("set")
 def budget_set(
     scope: Annotated[str, typer.Option(help="global, role:NAME or agent:NAME.")],
-    limit: Annotated[float, typer.Option(help="The hard limit: dollars for usd, a count for tokens.")],
+    limit: Annotated[Optional[float], typer.Option(help="The hard limit: dollars for usd, a count for tokens "
+                                                        "(not needed with --remove).")] = None,
     unit: Annotated[str, typer.Option(help="usd or tokens.")] = "usd",
     period: Annotated[str, typer.Option(help="hour, day, month or total.")] = "day",
     soft: Annotated[Optional[float], typer.Option(help="Alert when this fraction is used (default from config).")] = None,
@@ -223,15 +230,22 @@ def budget_set(
     as_json: JsonOpt = False,
 ) -> None:
     """Set (or remove) a hard limit for a scope, unit and period."""
-    body: dict[str, Any] = {"scope": scope, "unit": unit, "period": period, "limit": limit, "remove": remove}
+    if limit is None and not remove:
+        fail(CharterError("bad_request", "--limit is required to set a limit (or give --remove)", "--limit"),
+             common.USAGE)
+    body: dict[str, Any] = {"scope": scope, "unit": unit, "period": period, "remove": remove}
+    if limit is not None:
+        body["limit"] = limit
     if soft is not None:
         body["soft_ratio"] = soft
     lim = run(lambda: _admin("PUT", "/v1/admin/budget", json=body))
     if as_json:
         emit_json(lim)
     else:
-        verb = "removed" if remove else "set"
-        out.print(f"{verb}: {lim['scope']} {lim['period']} {lim['unit']} limit {_amount(lim['unit'], lim['hard'])}")
+        if remove:
+            out.print(f"removed: {lim['scope']} {lim['period']} {lim['unit']} limit")
+        else:
+            out.print(f"set: {lim['scope']} {lim['period']} {lim['unit']} limit {_amount(lim['unit'], lim['hard'])}")
 
 
 @budget_app.command("history")

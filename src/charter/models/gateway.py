@@ -1,10 +1,22 @@
 """The gateway as the daemon runs it: identity, policy and budget on every call, and an event for each.
 
 `CallGovernor` is asked before each rung of a chain: is this model allowed for this agent (policy
-action `model.call`, paid models are T2), and does the budget hold the most it could cost (reserved
-from the request's maximum tokens)? A refused paid rung is skipped so the call degrades to the free
-ones. After the call, the real usage is settled and one event records the agent, alias, backend,
-each fallback and why, tokens, cost and latency, with hashes of prompt and answer by default.
+action `model.call`, paid models are T2, with the estimated `amount_usd` for amount rules), is the
+tier's per-action cap kept, and does the budget hold the most it could cost? It goes through
+`Governance.admit_spend`, the same checks as the reserve API. A refused paid rung is skipped so the
+call degrades to the free ones. After the call, the real usage is settled and one event records the
+agent, alias, backend, each rung's decision, each fallback and why, tokens, cost and latency, with
+hashes of prompt and answer by default.
+
+What is reserved bounds what can be spent:
+* output: when a budget applies, a request without a maximum is given `default_max_tokens`, and
+  that limit is what the backend is sent (`num_predict` / `max_tokens`), so it cannot generate more
+  than was reserved (with no budget in play the request keeps its own limit, or none);
+* prompt: `prompt_token_bound`, one token per UTF-8 byte of the messages plus a chat template's
+  overhead, an upper bound for byte-level tokenizers (a token covers at least one byte).
+Should the backend still report more than was reserved, the real usage is booked anyway and an
+overrun alert is published (see charter.budget.ledger): the books never read as within while
+the spend is over.
 """
 
 from __future__ import annotations
@@ -16,13 +28,35 @@ from typing import TYPE_CHECKING, Any
 from charter.budget.ledger import BUDGET_EXCEEDED
 from charter.budget.prices import FREE, MICRO, Price
 from charter.encoding import canonical, sha256_hex
-from charter.errors import CharterError
+from charter.governance import APPROVAL_REQUIRED, SpendRefused
 from charter.identity.registry import AgentRecord
 from charter.models.router import CallResult, Router, Skip
 from charter.models.types import ChatRequest, Final
 
 if TYPE_CHECKING:
     from charter.node import Node
+
+
+PER_MESSAGE_TOKENS = 8  # a chat template's role header and end-of-turn markers, per message
+TEMPLATE_TOKENS = 32  # begin-of-text, the assistant's header, a default system prompt some templates add
+
+
+def prompt_token_bound(req: ChatRequest) -> int:
+    """An upper bound on the prompt's tokens, for the reservation: what is reserved must not be short.
+
+    Byte-level BPE and SentencePiece with byte fallback never make more tokens than UTF-8 bytes, so
+    the bytes of every message (role and text; a non-text part by its JSON) bound the text, and a
+    fixed allowance per message and per call bounds the template around it.
+    """
+    total = TEMPLATE_TOKENS
+    for m in req.messages:
+        total += PER_MESSAGE_TOKENS + len(str(m.get("role", "")).encode())
+        c = m.get("content")
+        if isinstance(c, str):
+            total += len(c.encode())
+        elif c is not None:
+            total += len(canonical(c))
+    return total
 
 
 @dataclass(slots=True)
@@ -32,6 +66,7 @@ class Admission:
     reservation_id: str | None
     reserved_usd: int
     prompt_estimate: int
+    max_out: int = 0
 
 
 class CallGovernor:
@@ -43,6 +78,7 @@ class CallGovernor:
         self.tokens_in = 0
         self.tokens_out = 0
         self.refusals: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []  # one per rung asked: published in the call event
 
     def price(self, ref: str, kind: str) -> Price:
         prices = self.gw.node.gov.prices
@@ -54,51 +90,70 @@ class CallGovernor:
             raise Skip(f"no price for {ref}: add it under [prices] to allow paid calls") from None
 
     async def admit(self, ref: str, kind: str, model: str, req: ChatRequest) -> Admission:
+        """Decide and reserve for one rung; raises Skip with the reason when it may not be used.
+
+        When a reservation is made, a request without a maximum is given `default_max_tokens`: the
+        reservation is sized on it and the backend is sent it, so the answer cannot outgrow it.
+        """
         gov = self.gw.node.gov
         price = self.price(ref, kind)
         backend = ref.split("/", 1)[0]
+        degraded = kind == "degraded"
+        if degraded:  # Charter's own answer: the policy decides, there is nothing to reserve
+            est_in = max_out = usd = 0
+        else:
+            max_out = req.max_tokens if req.max_tokens is not None else self.gw.config.default_max_tokens
+            est_in = prompt_token_bound(req)
+            usd = price.cost_micros(est_in, max_out)
         attrs = {"provider": kind, "backend": backend, "model": model, "alias": self.alias,
-                 "paid": price != FREE}
-        d = gov.evaluate(self.agent, "model.call", attrs)
-        if not d.allowed:
-            why = "needs an approval" if d.effect == "approve" else d.reason
-            self.refusals.append({"ref": ref, "policy": d.to_dict()})
-            raise Skip(f"policy: {why}")
-        if kind == "degraded":  # Charter's own answer: the policy decides, there is nothing to reserve
-            return Admission(ref, FREE, None, 0, 0)
-        max_out = req.max_tokens if req.max_tokens is not None else self.gw.config.default_max_tokens
-        est_in = req.estimated_prompt_tokens()
-        usd = price.cost_micros(est_in, max_out)
-        limits = gov.limits_for(self.agent)
-        if not limits:
-            return Admission(ref, price, None, 0, est_in)
+                 "paid": price != FREE, "amount_usd": usd / MICRO, "tokens": est_in + max_out}
         try:
-            res = gov.ledger.reserve(agent_id=self.agent.id, role=self.agent.role, usd=usd, tokens=est_in + max_out,
-                                     limits=limits, model=ref, action="model.call",
-                                     ttl_s=self.gw.node.config.models.timeouts.total + 60)
-        except CharterError as err:
-            if err.code != BUDGET_EXCEEDED:
-                raise
-            reason = err.message.replace(f"agent:{self.agent.id} ", f"{self.agent.name}'s ")
-            self.refusals.append({"ref": ref, "budget": err.details or {}, "reason": reason})
-            raise Skip(f"budget: {reason}") from None
-        for alert in res.alerts:
-            await self.gw.node.emit("charter.budget.alerts", {"agent_id": self.agent.id, "name": self.agent.name, **alert})
-        return Admission(ref, price, res.id, usd, est_in)
+            spend = gov.admit_spend(self.agent, "model.call", attrs, usd=usd, tokens=est_in + max_out, model=ref,
+                                    ttl_s=self.gw.node.config.models.timeouts.total + 60,
+                                    reserve=False if degraded else None)
+        except SpendRefused as err:
+            d = err.decision
+            if err.code == BUDGET_EXCEEDED:
+                self.decisions.append({"ref": ref, "effect": "deny", "rule": d.rule, "tier": d.tier,
+                                       "reason": err.message, "code": err.code})
+                self.refusals.append({"ref": ref, "budget": err.details or {}, "reason": err.message})
+                raise Skip(f"budget: {err.message}") from None
+            why = "needs an approval" if err.code == APPROVAL_REQUIRED else err.message
+            self.decisions.append({"ref": ref, "effect": d.effect, "rule": d.rule, "tier": d.tier, "reason": why,
+                                   "code": err.code})
+            self.refusals.append({"ref": ref, "policy": d.to_dict()})
+            raise Skip(f"policy: {why}") from None
+        d = spend.decision
+        entry = {"ref": ref, "effect": d.effect, "rule": d.rule, "tier": d.tier}
+        if spend.approval is not None:  # let through by an approval: rare, and published on its own as
+            entry["approval_id"] = spend.approval.id  # every approved run is (the T3 audit reads those)
+            await gov.publish_decision(self.agent, "model.call", d, approval_id=spend.approval.id, ref=ref)
+        self.decisions.append(entry)
+        res = spend.reservation
+        if res is None:  # no budget applies: the request keeps its own limit, or none
+            return Admission(ref, price if not degraded else FREE, None, 0, est_in, max_out)
+        if req.max_tokens is None:  # the reservation is sized on this: the backend must not outgrow it
+            req.max_tokens = max_out
+        await gov.publish_alerts(self.agent, res.alerts)
+        return Admission(ref, price, res.id, usd, est_in, max_out)
 
     async def settle(self, adm: Admission, final: Final | None, text: str) -> None:
+        """Book the real usage; without it (a broken stream) an upper bound of what was delivered."""
         if final is not None and (final.prompt_tokens or final.completion_tokens):
             t_in, t_out = final.prompt_tokens, final.completion_tokens
-        else:  # a broken stream reports no usage: count what was delivered
-            t_in, t_out = adm.prompt_estimate, max(len(text.split()), 1 if text else 0)
+        else:  # no usage reported: the prompt's bound, and at most a token per delivered byte
+            t_in = adm.prompt_estimate
+            t_out = len(text.encode())
+            if adm.max_out:
+                t_out = min(t_out, adm.max_out)
         usd = adm.price.cost_micros(t_in, t_out)
         self.tokens_in += t_in
         self.tokens_out += t_out
+        self.usd += usd
         if adm.reservation_id:
             s = self.gw.node.gov.ledger.settle(adm.reservation_id, usd=usd, tokens_in=t_in, tokens_out=t_out,
                                                agent_id=self.agent.id)
-            usd = min(usd, adm.reserved_usd) if not s.overrun else usd
-        self.usd += usd
+            await self.gw.node.gov.publish_alerts(self.agent, s.alerts)
 
     async def release(self, adm: Admission) -> None:
         if adm.reservation_id:
@@ -133,6 +188,7 @@ class Gateway:
             "backend": result.ref if result else None,
             "degraded": bool(result and result.degraded),
             "attempts": [a.to_dict() for a in tries],
+            "decisions": gov.decisions,
             "fallbacks": [a.to_dict() for a in tries if a.outcome != "ok"],
             "continued_after": result.continued_after if result else [],
             "tokens_in": gov.tokens_in, "tokens_out": gov.tokens_out,

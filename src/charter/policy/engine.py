@@ -163,6 +163,10 @@ class PolicyEngine:
     def _apply(self, subject: Subject, rule: Rule, path: list[str]) -> Decision:
         if rule.effect == DENY:
             return Decision(DENY, rule.id, rule.tier, rule.reason or f"denied by rule {rule.id!r}", tuple(path))
+        if subject.max_tier not in TIERS:  # fail closed on a ceiling that is not a tier, do not crash
+            path.append(f"role {subject.role}'s maximum tier {subject.max_tier!r} is not one of {', '.join(TIERS)}")
+            return Decision(DENY, rule.id, rule.tier, f"max_tier {subject.max_tier!r} is not one of "
+                            f"{', '.join(TIERS)}; denying", tuple(path))
         if TIERS.index(rule.tier) > TIERS.index(subject.max_tier):
             path.append(f"tier {rule.tier} is above role {subject.role}'s maximum {subject.max_tier}")
             return Decision(DENY, rule.id, rule.tier,
@@ -183,6 +187,28 @@ def _names_only_action(program: Any) -> bool:
 def _short(exc: Exception) -> str:
     text = str(exc).split("ERROR:")[0].strip()
     return text[:160]
+
+
+# The functions the conditions' CEL (the `cel` package's interpreter, without Python extensions) has:
+# a name outside this set compiles and only fails when evaluated, so lint refuses it. Operators
+# (`_&&_`, `@in`, ...) and macros (`has`, `all`, `exists`, `exists_one`, `map`, `filter`) are not
+# functions here. tests/test_policy.py evaluates every one of them, so the list cannot drift.
+CEL_FUNCTIONS = frozenset({
+    "size", "contains", "startsWith", "endsWith", "matches",
+    "int", "uint", "double", "string", "bytes", "type", "dyn", "timestamp", "duration",
+    "getFullYear", "getMonth", "getDate", "getDayOfMonth", "getDayOfYear", "getDayOfWeek",
+    "getHours", "getMinutes", "getSeconds", "getMilliseconds",
+    "of", "ofNonZeroValue", "none", "hasValue", "value", "or", "orValue",
+})
+
+
+def unknown_functions(program: Any) -> list[str]:
+    """Function names a compiled condition calls that the CEL interpreter does not have."""
+    try:
+        names = program.functions()
+    except Exception:  # noqa: BLE001 - a binding without introspection: nothing to check
+        return []
+    return sorted({n for n in names if n.isidentifier() and not n.startswith("_") and n not in CEL_FUNCTIONS})
 
 
 def compile_condition(expr: str) -> Any:

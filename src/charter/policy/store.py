@@ -16,7 +16,7 @@ from typing import Any
 from charter.bus.subjects import SubjectError, pattern_within, validate_pattern
 from charter.encoding import canonical, sha256_hex
 from charter.errors import ConfigError
-from charter.policy.engine import EFFECTS, TIERS, PolicyEngine, Rule, compile_condition
+from charter.policy.engine import CEL_FUNCTIONS, EFFECTS, TIERS, PolicyEngine, Rule, compile_condition, unknown_functions
 
 RULE_KEYS = {"id", "action", "actions", "when", "tier", "effect", "reason"}
 TOP_KEYS = {"id", "version", "description", "rules"}
@@ -55,11 +55,15 @@ class Policy:
 class _Lines:
     """Maps `[[rules]]` number i and a key inside it to a line of the file (tomllib gives none)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, table: str = "rules") -> None:
         self.lines = text.splitlines()
-        self.headers = [i + 1 for i, ln in enumerate(self.lines) if re.match(r"\s*\[\[\s*rules\s*\]\]", ln)]
+        self.table = table
+        self.headers = [i + 1 for i, ln in enumerate(self.lines) if re.match(rf"\s*\[\[\s*{table}\s*\]\]", ln)]
+        self.inline = self._inline_tables() if not self.headers else []
 
     def rule(self, index: int, key: str | None = None) -> int:
+        if not self.headers and index < len(self.inline):
+            return self._inline_line(index, key)
         if index >= len(self.headers):
             return 1
         start = self.headers[index]
@@ -71,6 +75,52 @@ class _Lines:
             if pat.match(self.lines[n]):
                 return n + 1
         return start
+
+    # `rules = [ {...}, {...} ]`: each inline table's span, so its problems name its own line.
+
+    def _inline_tables(self) -> list[tuple[int, int]]:
+        """Character spans of the inline tables in a top-level `TABLE = [...]` array (strings and
+        comments skipped, so a brace inside a reason or a CEL string does not count)."""
+        text = "\n".join(self.lines)
+        self._text = text
+        m = re.search(rf"(?m)^\s*{re.escape(self.table)}\s*=\s*\[", text)
+        if m is None:
+            return []
+        spans: list[tuple[int, int]] = []
+        i, depth, start = m.end(), 0, -1  # depth: braces open inside the array
+        brackets = 1
+        while i < len(text) and brackets:
+            c = text[i]
+            if c == "#":
+                nl = text.find("\n", i)
+                i = len(text) if nl < 0 else nl
+                continue
+            if c in "\"'":
+                i = _skip_string(text, i)
+                continue
+            if c == "{":
+                if depth == 0:
+                    start = i
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0 and start >= 0:
+                    spans.append((start, i + 1))
+            elif c == "[" and depth == 0:
+                brackets += 1
+            elif c == "]" and depth == 0:
+                brackets -= 1
+            i += 1
+        return spans
+
+    def _inline_line(self, index: int, key: str | None) -> int:
+        start, end = self.inline[index]
+        at = start
+        if key is not None:
+            m = re.compile(rf"(?<![\w-]){re.escape(key)}\s*=").search(self._text, start, end)
+            if m is not None:
+                at = m.start()
+        return self._text.count("\n", 0, at) + 1
 
     def top(self, key: str) -> int:
         pat = re.compile(rf"\s*{re.escape(key)}\s*=")
@@ -85,6 +135,18 @@ class _Lines:
             if header.match(ln):
                 return n + 1
         return 1
+
+
+def _skip_string(text: str, i: int) -> int:
+    """The index just past the TOML string that starts at `i` (basic, literal, or multi-line)."""
+    q = text[i]
+    if text.startswith(q * 3, i):
+        end = text.find(q * 3, i + 3)
+        return len(text) if end < 0 else end + 3
+    j = i + 1
+    while j < len(text) and text[j] != q and text[j] != "\n":
+        j += 2 if q == '"' and text[j] == "\\" else 1
+    return j + 1
 
 
 def lint_text(text: str, file: str, stem: str | None = None) -> tuple[list[Problem], dict[str, Any] | None, list[Rule]]:
@@ -172,6 +234,10 @@ def check_document(data: dict[str, Any], file: str, stem: str | None = None,
                 except ValueError as exc:
                     first = str(exc).split("\n")[0]
                     err(at("when"), f"rule {rid!r}: condition does not compile: {first}")
+                else:
+                    for name in unknown_functions(program):
+                        err(at("when"), f"rule {rid!r}: condition calls {name}(), which CEL does not have"
+                            f"{_did_you_mean(name)}; it would fail every time it is evaluated")
         reason = r.get("reason", "")
         if not isinstance(reason, str):
             err(at("reason"), f"rule {rid!r}: `reason` must be a string")
@@ -188,6 +254,14 @@ def check_document(data: dict[str, Any], file: str, stem: str | None = None,
         if effect in EFFECTS and tier in TIERS and acts:
             compiled.append(Rule(rid, tuple(acts), effect, tier, reason, when, i, program))
     return problems, compiled
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    same = [f for f in CEL_FUNCTIONS if f.lower() == name.lower()]
+    close = same or difflib.get_close_matches(name, sorted(CEL_FUNCTIONS), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}()?)" if close else f" (it has {', '.join(sorted(CEL_FUNCTIONS))})"
 
 
 def _valid(pattern: str) -> bool:

@@ -255,12 +255,19 @@ class Agent:
         return await self.http.call("GET", "/v1/agent/budget")
 
     async def reserve(self, *, model: str = "", input_tokens: int = 0, max_output_tokens: int = 0,
-                      usd: float | None = None, action: str = "model.call") -> dict[str, Any]:
-        """Reserve budget before a paid call; raises CharterError `budget_exceeded` with what is left."""
+                      usd: float | None = None, action: str = "model.call",
+                      approval_id: str | None = None) -> dict[str, Any]:
+        """Reserve budget before a paid call; raises CharterError `budget_exceeded` with what is left.
+
+        A spend whose tier needs an approval answers `approval_required` until one is granted: ask
+        with `act()`, then pass the approval's id here (a one-shot approval pays for
+        exactly one reservation; a window approval is found without it)."""
         body: dict[str, Any] = {"model": model, "input_tokens": input_tokens,
                                 "max_output_tokens": max_output_tokens, "action": action}
         if usd is not None:
             body["usd"] = usd
+        if approval_id is not None:
+            body["approval_id"] = approval_id
         return await self.http.call("POST", "/v1/agent/budget/reserve", json=body)
 
     async def settle(self, reservation_id: str, *, tokens_in: int = 0, tokens_out: int = 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -149,28 +150,62 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
             r["name"] = names.get(r["scope"], r["scope"])
         return _json({"budgets": rows, "timezone": node.config.budget.timezone})
 
-    @app.put("/v1/admin/budget", tags=["operator"], summary="Set a limit: {scope, unit, period, limit, soft_ratio}")
+    @app.put("/v1/admin/budget", tags=["operator"],
+             summary="Set a limit: {scope, unit, period, limit, soft_ratio}; or {scope, unit, period, remove: true}")
     async def budget_set(request: Request) -> Response:
         body = await request.body()
         await operator(request, body)
         data = _object(body)
-        scope = str(data.get("scope", ""))
-        if scope.startswith("agent:") and not scope.startswith("agent:agt_"):
-            scope = f"agent:{node.registry.find(scope[6:]).id}"
-        unit = data.get("unit")
+        remove = bool(data.get("remove"))
+        scope = _budget_scope(data.get("scope"), removing=remove)
+        unit, period = str(data.get("unit", "usd")), str(data.get("period", "day"))
+        hard = 0
+        if not remove or data.get("limit") is not None:
+            try:
+                amount = float(data["limit"])
+            except KeyError:
+                raise CharterError(BAD_REQUEST, "limit is required to set a limit (dollars for usd, a count "
+                                   "for tokens); to remove one, send remove: true", "limit") from None
+            except (TypeError, ValueError):
+                raise CharterError(BAD_REQUEST, f"limit {data['limit']!r} is not a number (dollars for usd, "
+                                   "a count for tokens)", "limit") from None
+            if not math.isfinite(amount):
+                raise CharterError(BAD_REQUEST, f"limit {data['limit']!r} is not a finite number", "limit")
+            hard = int(round(amount * MICRO)) if unit == "usd" else int(amount)
+        raw_soft = data.get("soft_ratio", node.config.budget.soft_ratio)
         try:
-            amount = float(data["limit"])
-        except (KeyError, TypeError, ValueError):
-            raise CharterError(BAD_REQUEST, "limit is a number (dollars, or tokens)", "limit") from None
-        hard = int(round(amount * MICRO)) if unit == "usd" else int(amount)
-        lim = Limit(scope, str(unit), str(data.get("period", "day")), hard,
-                    float(data.get("soft_ratio", node.config.budget.soft_ratio)))
-        if data.get("remove"):
+            soft = float(raw_soft)
+        except (TypeError, ValueError):
+            raise CharterError(BAD_REQUEST, f"soft_ratio {raw_soft!r} is not a number in (0, 1]", "soft_ratio") from None
+        lim = Limit(scope, unit, period, hard, soft)
+        if remove:
             gov.ledger.remove_limit(lim.scope, lim.unit, lim.period)
         else:
             gov.ledger.set_limit(lim)
-        await node.emit("charter.budget.limits", {**lim.to_dict(), "removed": bool(data.get("remove"))})
+        await node.emit("charter.budget.limits", {**lim.to_dict(), "removed": remove})
         return _json(lim.to_dict())
+
+    def _budget_scope(raw: Any, *, removing: bool = False) -> str:
+        """`global`, `role:NAME` of a configured role, or `agent:NAME|ID` of a known agent (stored by id).
+
+        A typo must not set a limit that binds nobody; removing may name a role no longer configured.
+        """
+        scope = str(raw or "")
+        kind, _, name = scope.partition(":")
+        if scope == "global":
+            return scope
+        if kind == "role" and name:
+            if name not in node.config.roles and not removing:
+                raise CharterError(BAD_REQUEST, f"unknown role {name!r} in scope {scope!r}; roles in charter.toml: "
+                                   f"{', '.join(sorted(node.config.roles)) or 'none'}", "scope")
+            return scope
+        if kind == "agent" and name:
+            try:
+                return f"agent:{node.registry.find(name).id}"
+            except CharterError:
+                raise CharterError(BAD_REQUEST, f"unknown agent {name!r} in scope {scope!r}: no agent has that "
+                                   "name or id", "scope") from None
+        raise CharterError(BAD_REQUEST, f"scope {scope!r} is not global, role:NAME or agent:NAME", "scope")
 
     @app.get("/v1/admin/budget/history", tags=["operator"], summary="Spend grouped by day, agent, model or role")
     async def budget_history(request: Request, by: str = "day", since_ms: int = 0, agent: str | None = None) -> Response:

@@ -6,12 +6,22 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from charter.models.backends.base import HttpBackend, classify_client_error, error_body, open_stream, read_lines
 from charter.models.types import BackendError, ChatRequest, Final
+
+
+def output_limit_key(url: str) -> str:
+    """The field that caps the answer's tokens: OpenAI's own API wants `max_completion_tokens` (newer
+    models refuse `max_tokens`, and both at once is an error); other OpenAI-compatible servers (vLLM,
+    llama.cpp, LM Studio, Ollama's /v1) read `max_tokens`."""
+    host = (urlsplit(url).hostname or "").lower()
+    official = host == "api.openai.com" or host.endswith((".openai.azure.com", ".openai.com"))
+    return "max_completion_tokens" if official else "max_tokens"
 
 
 class OpenAIBackend(HttpBackend):
@@ -21,6 +31,7 @@ class OpenAIBackend(HttpBackend):
                  connect: float = 2.0) -> None:
         super().__init__(name, url, connect=connect)
         self._key_env, self._key_file = api_key_env, api_key_file
+        self.limit_key = output_limit_key(url)
 
     def _headers(self) -> dict[str, str]:
         """Headers with the API key; a backend that names a key it cannot find is not called at all."""
@@ -44,8 +55,8 @@ class OpenAIBackend(HttpBackend):
                      total: float) -> AsyncIterator[str | Final]:
         body: dict = {"model": model, "messages": req.messages, "stream": True,
                       "stream_options": {"include_usage": True}}
-        if req.max_tokens is not None:
-            body["max_tokens"] = req.max_tokens
+        if req.max_tokens is not None:  # the gateway always sets it: the limit its reservation was sized on
+            body[self.limit_key] = req.max_tokens
         for key in ("temperature", "top_p", "seed", "stop"):
             v = getattr(req, key)
             if v is not None:

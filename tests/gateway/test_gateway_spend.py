@@ -1,0 +1,244 @@
+"""Model calls can never spend more than their budget, and go through the same checks as any spend.
+
+Through the real daemon and the stand-in Ollama, whose token counts are real (`[[tokens=N]]` in a
+prompt makes the natural answer N tokens long, and it stops at `num_predict` / `max_tokens`):
+
+* a request that sets no maximum is answered with at most `default_max_tokens` (256 here): the
+  backend, `ollama` and `openai` kinds alike, is sent the limit the reservation was sized on;
+* calls until the budget refuses, in USD (a paid `openai` backend) and in tokens (a free `ollama`
+  one): what is booked never passes the cap, it equals the spend rows, and nothing overran;
+* a prompt of punctuation (one token per byte) is not under-reserved;
+* the per-tier cap applies to model calls (a priced `ollama` backend is a paid model, T2, capped at $2);
+* an amount rule in the policy sees the call's estimated `amount_usd`;
+* each rung's decision is in the call event.
+
+The home adds `cloud`, an `openai` backend on the backup stand-in's `/v1`, priced like the backup
+($0.001 a token), and a first rule to the default policy that denies a model call over $2.50 (above the default T2 cap of $2, so that both
+can be seen).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ollama
+import openai
+import pytest
+
+from charter.models.standin import spawn_standin
+from tests.conftest import start_daemon
+from tests.gateway.conftest import Fleet
+from tests.gateway.support import (
+    APIS,
+    BACKUP,
+    OLLAMA,
+    OPENAI,
+    PRIMARY,
+    TOKEN_DELAY,
+    Clients,
+    Reply,
+    assert_well_formed,
+    call_event,
+    enroll_key,
+    finish,
+    fleet_home,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+CLOUD = "cloud/qwen2.5:0.5b"
+DEFAULT_MAX = 256  # default_max_tokens in the gateway tests' charter.toml
+LONG = "[[tokens=1000]]"  # the stand-in's natural answer to this prompt is 1000 tokens
+DEAR_RULE = '''[[rules]]
+id = "dear-calls"
+action = "model.call"
+when = "amount_usd > 2.5"
+effect = "deny"
+tier = "T2"
+reason = "one model call may not cost more than $2.50"
+
+'''
+
+
+@dataclass
+class Spend:
+    fleet: Fleet
+
+    @property
+    def url(self) -> str:
+        return self.fleet.daemon.url
+
+    async def limit(self, agent: str, unit: str, amount: float) -> None:
+        await self.fleet.daemon.admin("PUT", "/v1/admin/budget",
+                                      json={"scope": f"agent:{agent}", "unit": unit, "period": "day", "limit": amount})
+
+    async def usage(self, agent: str, unit: str) -> dict[str, Any]:
+        rows = (await self.fleet.daemon.admin("GET", "/v1/admin/budget"))["budgets"]
+        (row,) = [r for r in rows if r["name"] == agent and r["unit"] == unit]
+        return row
+
+    async def history(self, agent: str) -> dict[str, Any]:
+        doc = await self.fleet.daemon.admin("GET", "/v1/admin/budget/history", params={"by": "agent", "agent": agent})
+        (row,) = doc["history"]
+        return row
+
+    async def alerts(self, agent: str) -> list[dict[str, Any]]:
+        doc = await self.fleet.daemon.admin("GET", "/v1/events", params={"pattern": "charter.budget.alerts",
+                                                                         "limit": 1000})
+        return [e["envelope"]["payload"] for e in doc["events"] if e["envelope"]["payload"].get("name") == agent]
+
+
+@pytest.fixture(scope="module")
+def spend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spend]:
+    primary = spawn_standin(models=["llama3.2:3b"], control_port=True, token_delay=TOKEN_DELAY)
+    backup = spawn_standin(models=["qwen2.5:0.5b"], control_port=True, token_delay=TOKEN_DELAY)
+    fleet = None
+    try:
+        home = fleet_home(tmp_path_factory.mktemp("spend") / "home", primary.port, backup.port, probe="1h",
+                          prices={BACKUP: (1000.0, 1000.0), CLOUD: (1000.0, 1000.0)},
+                          aliases={"paid_first": [BACKUP, PRIMARY], "cloud_only": [CLOUD]})
+        text = home.config_path.read_text()
+        cloud = f'[models.backends.cloud]\nkind = "openai"\nurl = "http://127.0.0.1:{backup.port}/v1"\n\n'
+        home.config_path.write_text(text.replace("[models.aliases]\n", cloud + "[models.aliases]\n", 1))
+        policy = home.policies_dir / "default.toml"
+        text = policy.read_text()
+        first = text.index("[[rules]]")
+        policy.write_text(text[:first] + DEAR_RULE + text[first:])
+        fleet = Fleet(home, start_daemon(home), primary, backup)
+        yield Spend(fleet)
+    finally:
+        if fleet is not None:
+            finish(fleet)
+        else:
+            primary.stop()
+            backup.stop()
+
+
+@pytest.fixture
+async def agent_clients(spend: Spend, request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Clients]]:
+    """A fresh agent per test (its own budget), named after the test."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-40:].strip("-")
+    c = Clients(spend.url, enroll_key(spend.fleet.daemon, name))
+    yield name, c
+    await c.close()
+
+
+def refused(exc: BaseException) -> int | None:
+    """The HTTP status of a refusal from either client, or None if `exc` is not one."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code
+    if isinstance(exc, ollama.ResponseError):
+        return exc.status_code
+    return None
+
+
+async def until_refused(clients: Clients, api: str, alias: str, tag: str, *, stream: bool = False,
+                        most: int = 12) -> list[Reply]:
+    """Calls without a maximum, each asking for a 1000-token answer, until the budget says no."""
+    replies = []
+    for i in range(most):
+        try:
+            replies.append(await clients.chat(api, alias, [{"role": "user", "content": f"{LONG} {tag} {i}"}],
+                                              stream=stream))
+        except (openai.APIStatusError, ollama.ResponseError) as exc:
+            assert refused(exc) == 402, exc
+            return replies
+    raise AssertionError(f"{most} calls and the budget never refused")
+
+
+@pytest.mark.parametrize(("api", "stream"), [(a, s) for a in APIS for s in (False, True)],
+                         ids=[f"{a}-{'stream' if s else 'whole'}" for a in APIS for s in (False, True)])
+async def test_a_request_without_a_maximum_gets_the_reserved_one(spend: Spend, agent_clients: tuple[str, Clients],
+                                                                 api: str, stream: bool) -> None:
+    name, clients = agent_clients
+    messages = [{"role": "user", "content": f"{LONG} how long may this be, {api} {stream}?"}]
+    reply = await clients.chat(api, "strict", messages, stream=stream)
+    assert_well_formed(reply)
+    assert reply.completion_tokens == DEFAULT_MAX and reply.finish == "length"  # num_predict reached the backend
+    ev = await call_event(spend.fleet.daemon, messages)
+    assert ev["backend"] == PRIMARY and ev["tokens_out"] == DEFAULT_MAX
+
+
+async def test_usd_spend_never_passes_the_cap_on_a_paid_openai_backend(spend: Spend,
+                                                                       agent_clients: tuple[str, Clients]) -> None:
+    name, clients = agent_clients
+    await spend.limit(name, "usd", 1.0)
+    replies = await until_refused(clients, OPENAI, "cloud_only", name)
+    use, spent = await spend.usage(name, "usd"), await spend.history(name)
+    assert spent["usd_micros"] <= use["hard"] == 1_000_000  # what was really spent stayed within the cap
+    assert use["committed"] == spent["usd_micros"] and use["over"] == 0  # and the books say the same
+    assert len(replies) >= 2  # ~$0.33 reserved a call: the cap admits a few before it refuses
+    assert all(r.completion_tokens == DEFAULT_MAX and r.finish == "length" for r in replies)  # max_tokens was sent
+    billed = sum(r.prompt_tokens + r.completion_tokens for r in replies)  # type: ignore[operator]
+    assert spent["usd_micros"] == billed * 1000 and spent["calls"] == len(replies)
+    assert spent["overruns"] == 0 and not [a for a in await spend.alerts(name) if a.get("kind") == "overrun"]
+
+
+async def test_token_spend_never_passes_the_cap_on_a_free_ollama_backend(spend: Spend,
+                                                                         agent_clients: tuple[str, Clients]) -> None:
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 1200)
+    replies = await until_refused(clients, OLLAMA, "strict", name, stream=True)
+    use, spent = await spend.usage(name, "tokens"), await spend.history(name)
+    assert spent["tokens_in"] + spent["tokens_out"] <= use["hard"] == 1200
+    assert use["committed"] == spent["tokens_in"] + spent["tokens_out"] and use["over"] == 0
+    assert len(replies) >= 2 and all(r.completion_tokens == DEFAULT_MAX for r in replies)
+    assert spent["overruns"] == 0 and spent["usd_micros"] == 0
+
+
+async def test_a_prompt_of_one_token_per_byte_is_not_under_reserved(spend: Spend,
+                                                                     agent_clients: tuple[str, Clients]) -> None:
+    name, clients = agent_clients
+    await spend.limit(name, "usd", 1.0)
+    messages = [{"role": "user", "content": "!" * 400}]
+    reply = await clients.chat(OPENAI, "cloud_only", messages, stream=False, max_tokens=4)
+    assert reply.prompt_tokens is not None and reply.prompt_tokens >= 400  # the stand-in counts each "!"
+    spent = await spend.history(name)
+    assert spent["overruns"] == 0 and spent["tokens_in"] == reply.prompt_tokens
+    assert not [a for a in await spend.alerts(name) if a.get("kind") == "overrun"]
+
+
+async def test_the_tier_cap_applies_to_model_calls(spend: Spend, agent_clients: tuple[str, Clients]) -> None:
+    """The priced backup is an `ollama` backend with a price: a paid model (T2) by the default policy,
+    whose per-action cap is $2. A call that could cost more is skipped for the free primary."""
+    name, clients = agent_clients
+    messages = [{"role": "user", "content": "a priced local model, please"}]
+    small = await clients.chat(OPENAI, "paid_first", messages, stream=False, max_tokens=8)  # ~$0.05: under the cap
+    assert_well_formed(small)
+    ev = await call_event(spend.fleet.daemon, messages)
+    assert ev["backend"] == BACKUP and ev["cost_usd"] > 0
+    assert ev["decisions"] == [{"ref": BACKUP, "effect": "allow", "rule": "paid-models", "tier": "T2"}]
+
+    large = [{"role": "user", "content": "a priced local model, at length"}]
+    reply = await clients.chat(OPENAI, "paid_first", large, stream=False, max_tokens=2200)  # up to ~$2.3
+    assert_well_formed(reply)
+    ev = await call_event(spend.fleet.daemon, large)
+    assert ev["backend"] == PRIMARY and ev["cost_usd"] == 0
+    (skipped,) = ev["fallbacks"]
+    assert skipped["ref"] == BACKUP and skipped["outcome"] == "skipped"
+    assert "one T2 action may reserve at most $2" in skipped["reason"]
+    backup, primary = ev["decisions"]
+    assert (backup["ref"], backup["effect"], backup["code"], backup["tier"]) == (BACKUP, "deny", "budget_exceeded", "T2")
+    assert primary == {"ref": PRIMARY, "effect": "allow", "rule": "local-models", "tier": "T1"}
+
+
+async def test_an_amount_rule_sees_the_calls_estimated_cost(spend: Spend, agent_clients: tuple[str, Clients]) -> None:
+    name, clients = agent_clients
+    cheap = [{"role": "user", "content": "a cheap paid call"}]
+    reply = await clients.chat(OPENAI, "cloud_only", cheap, stream=False, max_tokens=8)  # ~$0.07: allowed
+    assert_well_formed(reply)
+    ev = await call_event(spend.fleet.daemon, cheap)
+    assert ev["backend"] == CLOUD and ev["decisions"] == [
+        {"ref": CLOUD, "effect": "allow", "rule": "paid-models", "tier": "T2"}]
+
+    dear = [{"role": "user", "content": "a dear paid call"}]
+    with pytest.raises(openai.APIStatusError) as caught:  # up to 3000 tokens out: over $3, over the rule's $2.50
+        await clients.chat(OPENAI, "cloud_only", dear, stream=False, max_tokens=3000)
+    assert caught.value.status_code == 403
+    assert "one model call may not cost more than $2.50" in caught.value.message
+    ev = await call_event(spend.fleet.daemon, dear)
+    (decision,) = ev["decisions"]
+    assert (decision["effect"], decision["rule"], decision["code"]) == ("deny", "dear-calls", "policy_denied")
