@@ -20,7 +20,7 @@ def number(x: object) -> bool:
 
 
 def check_section(name: str, section: dict, decisions: int) -> None:
-    for n in ("1", "100"):
+    for n in ("1", "100", "100_wildcard"):
         row = section[n]
         for figure in FIGURES:
             assert number(row[figure]) and row[figure] >= 0, (name, n, figure, row[figure])
@@ -50,7 +50,11 @@ def test_quick_policy_benchmark_prints_numbers() -> None:
     assert comparison["engine"] == "plain-python" and "--quick" in comparison["note"]
     check_section("comparison", comparison, decisions)
     check_section("plain_python_baseline", doc["plain_python_baseline"], decisions)
-    for n in ("1", "100"):
+    # The wildcard workload: every rule is a candidate for the one action, matched at every depth.
+    assert doc["charter"]["100_wildcard"]["by_path"].keys() == {
+        "matched_in_first_half", "matched_in_second_half", "no_rule_matches"}
+    assert doc["meets_target_wildcard"] == (doc["charter"]["100_wildcard"]["p50_us"] <= 10.0)
+    for n in ("1", "100", "100_wildcard"):
         assert comparison[n]["agree"] is True and comparison[n]["disagreements"] == 0
         assert number(doc["p50_ratio_comparison_over_charter"][n])
 
