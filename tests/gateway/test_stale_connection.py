@@ -32,10 +32,11 @@ class OneShotBackend:
     With `mute`, drops every connection as soon as a request arrives, without an answer.
     """
 
-    def __init__(self, *, mute: bool = False) -> None:
+    def __init__(self, *, mute: bool = False, early: bool = False) -> None:
         self.server: asyncio.Server | None = None
         self.connections = 0
         self.mute = mute
+        self.early = early  # with mute: reset as soon as the headers are in, while the body is still coming
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -43,6 +44,10 @@ class OneShotBackend:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.early:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.abort()
+            return
         await self._read_request(reader)
         if self.mute:
             writer.transport.abort()
@@ -71,8 +76,8 @@ class OneShotBackend:
         await self.server.wait_closed()
 
 
-async def chat(backend: OllamaBackend) -> str:
-    req = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+async def chat(backend: OllamaBackend, prompt: str = "hi") -> str:
+    req = ChatRequest(messages=[{"role": "user", "content": prompt}])
     text = ""
     async for part in backend.stream("m", req, first_token=2.0, idle=2.0, total=5.0):
         if not isinstance(part, Final):
@@ -119,6 +124,24 @@ async def test_a_fresh_connection_dropped_is_the_backends_failure_and_not_retrie
     try:
         with pytest.raises(BackendError) as err:
             await chat(backend)
+        assert err.value.kind == "disconnected", err.value
+        assert server.connections == 1
+    finally:
+        await backend.close()
+        await server.stop()
+
+
+@pytest.mark.anyio
+async def test_a_reset_while_the_request_is_still_being_written_reads_as_disconnected() -> None:
+    """A process that dies with a large request half-sent: the client's write meets the reset
+    (ECONNRESET or EPIPE, as aiohttp's ClientOSError). That is the backend going away, not an
+    HTTP protocol error."""
+    server = OneShotBackend(mute=True, early=True)
+    port = await server.start()
+    backend = OllamaBackend("primary", f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(BackendError) as err:
+            await chat(backend, "x" * 4_000_000)
         assert err.value.kind == "disconnected", err.value
         assert server.connections == 1
     finally:

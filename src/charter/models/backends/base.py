@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -52,6 +53,19 @@ class HttpBackend:
             await self._session.close()
 
 
+RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+def _reset(exc: BaseException) -> bool:
+    """A connection reset or a broken pipe, however aiohttp wraps it (ClientOSError, or the OS error)."""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return True
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno in RESET_ERRNOS:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+
+
 def classify_client_error(exc: BaseException) -> BackendError:
     """Turn aiohttp's zoo of exceptions into the few kinds the breaker and the events use."""
     if isinstance(exc, BackendError):
@@ -62,6 +76,8 @@ def classify_client_error(exc: BaseException) -> BackendError:
         return BackendError("connect_timeout", "connect timed out")
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
         return BackendError("disconnected", f"the backend closed the connection mid-answer ({type(exc).__name__})")
+    if _reset(exc):  # the process died with our request on the wire: its kernel answers RST
+        return BackendError("disconnected", f"the backend reset the connection ({type(exc).__name__}: {exc})")
     if isinstance(exc, aiohttp.ClientError):
         return BackendError("http", f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
