@@ -24,6 +24,7 @@ from charter.identity.request_auth import verify_request
 from charter.node import Node, decode_json_body
 from charter.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from charter.observability.middleware import RequestIdMiddleware
+from charter.server.fastlane import FastLane
 from charter.units import parse_duration
 
 log = logging.getLogger("charter.server")
@@ -86,6 +87,9 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.node = node
+    # Innermost first: the hot endpoints are called straight after the request id (and, added later,
+    # the dashboard guard) have run (fastlane.py).
+    app.add_middleware(FastLane, fastapi=app, paths=HOT_PATHS)
     app.add_middleware(RequestIdMiddleware, access_log=node.config.daemon.access_log)
 
     @app.get("/metrics", tags=["daemon"], summary="Prometheus metrics")
@@ -364,10 +368,11 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
     return app
 
 
-# Paths every agent hits all the time. Starlette tries routes in order, one regex each; with ~100
-# routes the gateway's were tried last, which cost more than the policy decision of the call.
+# Paths every agent hits all the time. FastLane calls their endpoints without the router; for any
+# request it passes down (another method, say), Starlette tries routes in order, one regex each,
+# and with ~100 routes these were tried last.
 HOT_PATHS = ("/v1/chat/completions", "/api/chat", "/v1/publish", "/v1/publish/batch", "/api/generate",
-             "/v1/embeddings", "/api/embed", "/v1/health")
+             "/v1/embeddings", "/api/embed", "/v1/health", "/v1/agent/act")
 
 
 def hot_routes_first(app: FastAPI) -> None:
