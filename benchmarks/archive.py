@@ -98,12 +98,14 @@ def sha256_baseline(raws: list[bytes]) -> dict[str, float]:
     return {"per_entry_seconds": per_entry, "bulk_seconds": bulk}
 
 
-def one_round(home: Home, key: SigningKey, n: int) -> dict[str, Any]:
-    """Seal the whole log into a fresh archive with the production archivist, then verify it."""
+def one_round(template: Home, work: Path, r: int, key: SigningKey, n: int) -> dict[str, Any]:
+    """Seal the whole log into a fresh archive with the production archivist, then verify it.
+
+    Each round gets its own copy of the home: sealing appends the archivist's events to the log,
+    and a new archive must not meet the previous round's published checkpoints."""
+    home = Home(work / f"round{r}")
+    shutil.copytree(template.root, home.root)
     root = home.root / "archive"
-    shutil.rmtree(root, ignore_errors=True)
-    for stale in home.keys_dir.glob("archivist*"):  # a fresh archivist identity each round
-        stale.unlink()
 
     async def seal_all() -> tuple[float, dict[str, Any]]:
         archivist = Archivist.local(home)
@@ -126,6 +128,7 @@ def one_round(home: Home, key: SigningKey, n: int) -> dict[str, Any]:
     full_s = time.perf_counter() - t0
     if not (alone.ok and full.ok and alone.archived == sealed and sealed >= n):
         raise SystemExit(f"verification failed: {alone.to_dict()['breaks'][:3]} {full.to_dict()['breaks'][:3]}")
+    shutil.rmtree(home.root, ignore_errors=True)
     return {
         "seal_s": seal_s, "sealed": sealed, "verify_s": verify_s, "verify_live_s": full_s, "segments": len(made),
         "compressed": sum(m["bytes"] for m in made), "raw": sum(m["raw_bytes"] for m in made),
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, baselines = [], []
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: seal, verify, verify with the live database, SHA-256 baseline")
-            results.append(one_round(home, key, n))
+            results.append(one_round(home, work, r, key, n))
             baselines.append(sha256_baseline(raws))
     finally:
         shutil.rmtree(work, ignore_errors=True)
