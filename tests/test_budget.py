@@ -771,3 +771,23 @@ def test_the_ledger_rolls_over_at_local_midnight(tmp_path: Path) -> None:
     assert ledger.history(by="day") == [{"day": "2026-04-01", "calls": 1, "usd_micros": 10, "tokens_in": 0,
                                          "tokens_out": 0, "overruns": 0}]
     ledger.close()
+
+
+def test_the_ledgers_commits_do_not_checkpoint_inline_at_sqlites_default(tmp_path: Path) -> None:
+    """charter.db's WAL is checkpointed by the daemon's background thread; a commit that crosses
+    SQLite's default threshold (1000 pages) would otherwise copy the WAL into the database file, with
+    fsyncs, inside a model call. Past 1000 pages of ledger commits, the database file is untouched."""
+    db = tmp_path / "charter.db"
+    ledger = Ledger(db)
+    lims = [Limit("global", "usd", "day", 10**15), Limit("global", "tokens", "day", 10**15)]
+    ledger.reserve(agent_id="a", role="w", usd=1, tokens=1, limits=lims, now=NOW)
+    before = (db.stat().st_size, db.stat().st_mtime_ns)
+    wal = db.with_name(db.name + "-wal")
+    pairs = 0
+    while wal.stat().st_size < 1300 * 4096:  # well past 1000 pages (4 KiB each)
+        r = ledger.reserve(agent_id="a", role="w", usd=10, tokens=10, limits=lims, now=NOW + pairs)
+        ledger.settle(r.id, usd=5, tokens_in=2, tokens_out=3, now=NOW + pairs)
+        pairs += 1
+        assert pairs < 20_000
+    assert (db.stat().st_size, db.stat().st_mtime_ns) == before
+    ledger.close()

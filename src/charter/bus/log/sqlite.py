@@ -70,7 +70,6 @@ CREATE TABLE IF NOT EXISTS consumers (
 # automatic one stays only as a backstop: it lets the WAL restart from its beginning (which needs a
 # moment when every frame is copied back) and it finds most frames already copied.
 CHECKPOINT_EVERY = 0.1  # seconds between background checkpoints, while there are new appends
-WAL_BACKSTOP_PAGES = 4000  # the writer's own (inline) automatic checkpoint, instead of 1000
 
 
 class _Checkpointer:
@@ -152,8 +151,7 @@ class SqliteLog:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        if self._checkpointer is None:
-            db.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
+        if self._checkpointer is None:  # (the inline checkpoint's backstop is set by charter.db.connect)
             self._checkpointer = _Checkpointer(self.path, self._synchronous)
         self._checkpointer.dirty = True
         self._notify()
