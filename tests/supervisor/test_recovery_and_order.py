@@ -29,6 +29,31 @@ from tests.supervisor.conftest import (
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
+def app_needing(dep_label: str, dep_port: int, app_port: int, app_starts: Path) -> str:
+    """Services TOML: Charter's own `ai.test.app`, which exits unless `dep_label`'s port answers,
+    depending on `dep_label`, an external service checked on `dep_port`."""
+    command = toml_list([PY, SVC, "--port", str(app_port), "--starts", str(app_starts), "--require-port", str(dep_port)])
+    return f"""
+[[services]]
+label = "ai.test.app"
+depends = ["{dep_label}"]
+command = {command}
+interval = "1s"
+retry_interval = "0.1s"
+port = {app_port}
+restart = {{ base = "0.1s", start_period = "5s" }}
+check = {{ kind = "tcp" }}
+
+[[services]]
+label = "{dep_label}"
+interval = "0.3s"
+retry_interval = "0.2s"
+timeout = "0.5s"
+port = {dep_port}
+check = {{ kind = "tcp" }}
+"""
+
+
 async def restarts_of(node: Node, label: str) -> list[dict]:
     return [e["payload"] for e in await events(node, "charter.services.restarts") if e["payload"]["service"] == label]
 
@@ -153,25 +178,7 @@ async def test_a_dependent_is_not_started_while_its_dependency_fails_and_starts_
         node_factory, started: Started, tmp_path: Path) -> None:
     dep_port, app_port = free_port(), free_port()
     app_starts = tmp_path / "app.starts"
-    node = await node_factory(f"""
-[[services]]
-label = "ai.test.app"
-depends = ["ai.test.external"]
-command = {toml_list([PY, SVC, "--port", str(app_port), "--starts", str(app_starts), "--require-port", str(dep_port)])}
-interval = "1s"
-retry_interval = "0.1s"
-port = {app_port}
-restart = {{ base = "0.1s", start_period = "5s" }}
-check = {{ kind = "tcp" }}
-
-[[services]]
-label = "ai.test.external"
-interval = "0.3s"
-retry_interval = "0.2s"
-timeout = "0.5s"
-port = {dep_port}
-check = {{ kind = "tcp" }}
-""")
+    node = await node_factory(app_needing("ai.test.external", dep_port, app_port, app_starts))
     sup = node.supervisor
     app = sup.services["ai.test.app"]
     # Past what the dependency is given (its timeout and one retry, 0.7 s), the app is reported down.
@@ -292,25 +299,7 @@ async def test_a_dependency_passing_before_the_daemon_restarted_does_not_count(
 
     db_port, app_port = free_port(), free_port()
     app_starts = tmp_path / "app.starts"
-    write_services(sup_home, f"""
-[[services]]
-label = "ai.test.app"
-depends = ["ai.test.db"]
-command = {toml_list([PY, SVC, "--port", str(app_port), "--starts", str(app_starts), "--require-port", str(db_port)])}
-interval = "1s"
-retry_interval = "0.1s"
-port = {app_port}
-restart = {{ base = "0.1s", start_period = "5s" }}
-check = {{ kind = "tcp" }}
-
-[[services]]
-label = "ai.test.db"
-interval = "0.3s"
-timeout = "0.5s"
-retry_interval = "0.2s"
-port = {db_port}
-check = {{ kind = "tcp" }}
-""")
+    write_services(sup_home, app_needing("ai.test.db", db_port, app_port, app_starts))
     db_proc = started.svc(db_port)
     await asyncio.to_thread(wait_port, db_port)
     for run in (1, 2):

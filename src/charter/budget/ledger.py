@@ -141,6 +141,17 @@ def _charges(text: str) -> list[tuple[str, str, str, str, int, int | None]]:
     return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in json.loads(text)]
 
 
+def _unhold(db: Any, charges: str) -> None:
+    """Give a reservation's held amounts back to every limit it was charged on (release, expiry)."""
+    for scope, unit, period, key, amount, _ in _charges(charges):
+        if amount:
+            db.execute(
+                "UPDATE budget_usage SET reserved = reserved - ? "
+                "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                (amount, scope, unit, period, key),
+            )
+
+
 def validate_limit(limit: Limit) -> None:
     """Refuse a malformed limit, naming the field and the value that is wrong."""
     if limit.unit not in UNITS:
@@ -250,13 +261,7 @@ class Ledger:
                 (now, SWEEP_BATCH),
             ).fetchall()
             for rid, charges in rows:
-                for scope, unit, period, key, amount, _ in _charges(charges):
-                    if amount:
-                        db.execute(
-                            "UPDATE budget_usage SET reserved = reserved - ? "
-                            "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                            (amount, scope, unit, period, key),
-                        )
+                _unhold(db, charges)
                 db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
             swept += len(rows)
             if len(rows) < SWEEP_BATCH:
@@ -386,13 +391,7 @@ class Ledger:
                 raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
             if row[2] != "held":
                 raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
-            for scope, unit, period, key, amount, _ in _charges(row[1]):
-                if amount:
-                    db.execute(
-                        "UPDATE budget_usage SET reserved = reserved - ? "
-                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                        (amount, scope, unit, period, key),
-                    )
+            _unhold(db, row[1])
             db.execute("UPDATE reservations SET state = 'released', closed_at = ? WHERE id = ?", (now, reservation_id))
 
     def sweep(self, now: int | None = None) -> int:
