@@ -8,6 +8,7 @@ and replaying messages). Each step checks its own outcome; the demo exits non-ze
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -354,7 +355,15 @@ async def scenario(home: Home, work: Path) -> None:
          "Declared truths are checked against the live system; each contradiction is named with its "
          "evidence and a fix (a critical one would make this exit 6). The AI_ALIGNMENT capsule is the "
          "context any model can be handed: rebuilt from the live system, signed, with its history.")
+    console.print("[dim]The backup Ollama killed earlier has not come back, so the alias `default` has lost "
+                  "its fallback: reflection should say so.[/dim]")
     charter(home, "reflect")
+    env = {**os.environ, "CHARTER_HOME": str(home.root)}
+    seen = subprocess.run([sys.executable, "-m", "charter", "reflect", "--json"], capture_output=True, text=True,
+                          env=env, stdin=subprocess.DEVNULL)
+    named = {c["truth"] for c in json.loads(seen.stdout or "{}").get("contradictions", [])}
+    if "aliases-fall-back" not in named:
+        raise DemoFailure(f"reflection should name the lost fallback of alias `default`; it named {sorted(named)}")
     built = charter(home, "capsule", "build", "AI_ALIGNMENT")
     latest = home.root / "capsules" / "AI_ALIGNMENT_LATEST.md"
     if not latest.exists() or str(latest) not in built:
