@@ -465,3 +465,36 @@ def test_parse_duration_rejects_junk(bad) -> None:
 def test_parse_size_rejects_junk(bad) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+# -- a backend's streamed body, however the network cuts it -----------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+       cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=10), trailing_newline=st.booleans())
+def test_read_lines_yields_the_same_lines_however_the_body_is_chunked(lines: list[bytes], cuts: list[int],
+                                                                      trailing_newline: bool) -> None:
+    """aiohttp's own StreamReader is fed the body in arbitrary chunks; `read_lines` yields exactly
+    the non-empty stripped lines, a last line without its newline included."""
+    import asyncio
+    from unittest.mock import Mock
+
+    import aiohttp
+
+    from charter.models.backends.base import read_lines
+
+    body = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    points = sorted({c for c in cuts if 0 < c < len(body)})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True) if body[a:b]]
+
+    async def run() -> list[bytes]:
+        reader = aiohttp.StreamReader(Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        resp = Mock(content=reader)
+        loop = asyncio.get_running_loop()
+        return [line async for line in read_lines(resp, first_token=5, idle=5, deadline=loop.time() + 10)]
+
+    expected = [line.strip() for line in body.split(b"\n") if line.strip()]
+    assert asyncio.run(run()) == expected

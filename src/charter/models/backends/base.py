@@ -122,29 +122,46 @@ async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, 
     return resp, max(first_token - (time.monotonic() - started), 0.001)
 
 
+MAX_LINE = 16 * 1024 * 1024  # a streamed line (one token's JSON) never comes near this
+
+
 async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: float,
                      deadline: float) -> AsyncIterator[bytes]:
-    """Non-empty lines of a streaming body, with the first-token, idle and total timeouts applied."""
+    """Non-empty lines of a streaming body, with the first-token, idle and total timeouts applied.
+
+    Reads whatever has arrived (`readany`) and hands out every complete line in it before waiting
+    again, so a timer is armed only when the backend has to be waited for, not once per line: a
+    fast backend's whole answer often arrives in one or two reads.
+    """
     first = True
+    buf = bytearray()
     while True:
+        while (end := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:end]).strip()
+            del buf[:end + 1]
+            if line:
+                first = False
+                yield line
+        if len(buf) > MAX_LINE:
+            raise BackendError("malformed", f"a streamed line longer than {MAX_LINE} bytes")
         wait = first_token if first else idle
         left = deadline - time.monotonic()
         if left <= 0:
             raise BackendError("total_timeout", "the answer took longer than the total timeout")
         try:
-            async with asyncio.timeout(min(wait, left)):  # no task per line, unlike wait_for
-                line = await resp.content.readline()
+            async with asyncio.timeout(min(wait, left)):  # no task per read, unlike wait_for
+                chunk = await resp.content.readany()
         except TimeoutError:
             if left <= wait:
                 raise BackendError("total_timeout", "the answer took longer than the total timeout") from None
             kind = "first_token_timeout" if first else "idle_timeout"
             raise BackendError(kind, f"no {'first token' if first else 'token'} within {wait:g}s") from None
-        if not line:
+        if not chunk:  # the end of the body: a last line without its newline still counts
+            line = bytes(buf).strip()
+            if line:
+                yield line
             return
-        line = line.strip()
-        if line:
-            first = False
-            yield line
+        buf += chunk
 
 
 async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
