@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -77,6 +78,10 @@ class PublicKey:
     @classmethod
     def from_b64(cls, text: str) -> PublicKey:
         return _public_from_b64(text)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled as its base64 text (a child process verifying the archive gets the pinned root key)."""
+        return (_public_from_b64, (self.b64,))
 
     def verify(self, sig: bytes, data: bytes) -> bool:
         try:
