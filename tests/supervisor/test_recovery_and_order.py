@@ -29,6 +29,21 @@ from tests.supervisor.conftest import (
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
+def unchecked_external(label: str, port: int, backoff: str, ran: Path) -> str:
+    """Services TOML: an external service (restarted by a command that leaves `ran` behind) checked on
+    `port` once an hour, so nothing but the test and the supervisor's own restart logic checks it."""
+    return f"""
+[[services]]
+label = "{label}"
+manager = "command"
+interval = "1h"
+timeout = "1s"
+port = {port}
+restart = {{ base = "{backoff}", command = {toml_list(recorder(ran))} }}
+check = {{ kind = "tcp" }}
+"""
+
+
 def app_needing(dep_label: str, dep_port: int, app_port: int, app_starts: Path) -> str:
     """Services TOML: Charter's own `ai.test.app`, which exits unless `dep_label`'s port answers,
     depending on `dep_label`, an external service checked on `dep_port`."""
@@ -73,16 +88,7 @@ async def test_a_pending_restart_is_dropped_when_the_service_passes_again(
     ran = tmp_path / "restart-ran"
     started.svc(port)
     wait_port(port)
-    node = await node_factory(f"""
-[[services]]
-label = "ai.test.back"
-manager = "command"
-interval = "1h"
-timeout = "1s"
-port = {port}
-restart = {{ base = "4s", command = {toml_list(recorder(ran))} }}
-check = {{ kind = "tcp" }}
-""")
+    node = await node_factory(unchecked_external("ai.test.back", port, "4s", ran))
     sup = node.supervisor
     svc = sup.services["ai.test.back"]
     await wait_until(lambda: svc.state == "passing")
@@ -107,16 +113,7 @@ async def test_an_automatic_restart_first_checks_that_the_service_is_still_down(
     KeepAlive restarted it: the check right before the restart sees it, and a working service is not killed."""
     port = free_port()
     ran = tmp_path / "restart-ran"
-    node = await node_factory(f"""
-[[services]]
-label = "ai.test.keepalive"
-manager = "command"
-interval = "1h"
-timeout = "1s"
-port = {port}
-restart = {{ base = "3s", command = {toml_list(recorder(ran))} }}
-check = {{ kind = "tcp" }}
-""")
+    node = await node_factory(unchecked_external("ai.test.keepalive", port, "3s", ran))
     sup = node.supervisor
     svc = sup.services["ai.test.keepalive"]
     await wait_until(lambda: svc.state == "critical")  # nothing listens yet
