@@ -464,6 +464,26 @@ def test_asking_nothing_fits_even_under_a_lowered_limit(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_a_limit_changed_by_another_process_binds_the_next_reservation(tmp_path: Path) -> None:
+    """The limits an agent is bound by are cached per ledger; a change made through any ledger on
+    the file (here a second one, as another process would have) is seen at once, and a removed
+    limit stops binding."""
+    mine, other = Ledger(tmp_path / "c.db"), Ledger(tmp_path / "c.db")
+    assert mine.applicable("a", "w", []) == []
+    other.set_limit(Limit("agent:a", "usd", "day", 100))
+    assert mine.applicable("a", "w", []) == [Limit("agent:a", "usd", "day", 100)]
+    other.set_limit(Limit("agent:a", "usd", "day", 40))
+    with pytest.raises(CharterError) as exc:
+        mine.reserve(agent_id="a", role="w", usd=50, tokens=0, limits=mine.applicable("a", "w", []), now=NOW)
+    assert exc.value.details["hard"] == 40
+    other.set_limit(Limit("role:w", "tokens", "hour", 7))
+    assert {lim.scope for lim in mine.applicable("a", "w", [])} == {"agent:a", "role:w"}
+    other.remove_limit("agent:a", "usd", "day")
+    assert mine.applicable("a", "w", []) == [Limit("role:w", "tokens", "hour", 7)]
+    mine.close()
+    other.close()
+
+
 def test_a_reservation_is_all_or_nothing_across_limits(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "c.db")
     lims = [Limit("global", "usd", "day", 10_000), Limit("role:w", "tokens", "hour", 100),

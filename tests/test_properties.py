@@ -295,7 +295,8 @@ def test_signature_covers_the_payload(a, b) -> None:
 
 def test_seal_refuses_what_parse_would_refuse() -> None:
     for bad in ({"subject": "a..b"}, {"subject": "a.*"}, {"sender": "has space"}, {"kind": "Event"},
-                {"payload": float("nan")}, {"ts": 0}, {"nonce": "short"}):
+                {"payload": float("nan")}, {"payload": {"a": [1, float("inf")]}}, {"ts": 0}, {"nonce": "short"},
+                {"eid": "not-a-ulid"}):
         with pytest.raises(Rejection) as info:
             valid_envelope(**bad)
         assert info.value.code == MALFORMED

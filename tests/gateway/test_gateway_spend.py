@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import ollama
 import openai
 import pytest
@@ -242,3 +243,33 @@ async def test_an_amount_rule_sees_the_calls_estimated_cost(spend: Spend, agent_
     ev = await call_event(spend.fleet.daemon, dear)
     (decision,) = ev["decisions"]
     assert (decision["effect"], decision["rule"], decision["code"]) == ("deny", "dear-calls", "policy_denied")
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_an_agent_that_hangs_up_mid_answer_pays_for_what_it_got_and_the_call_is_recorded(
+        spend: Spend, agent_clients: tuple[str, Clients], api: str) -> None:
+    """The agent reads the first few chunks of a 1000-token stream and closes the connection: the
+    reservation is settled for what was delivered (nothing stays held), and the call still has its
+    event, saying the client went away."""
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 5000)
+    messages = [{"role": "user", "content": f"{LONG} hang up on this, {api}"}]
+    path, body = (("/v1/chat/completions", {"model": "strict", "messages": messages, "stream": True})
+                  if api == OPENAI else ("/api/chat", {"model": "strict", "messages": messages}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(spend.url + path, json=body, headers={"Authorization": f"Bearer {clients.key}"}) as r:
+            assert r.status == 200
+            chunks = 0
+            async for _ in r.content:
+                chunks += 1
+                if chunks == 5:
+                    break
+            r.connection.transport.abort()  # type: ignore[union-attr]  # a hang-up, not a polite end of body
+
+    event = await call_event(spend.fleet.daemon, messages)
+    assert event["error"] == "the client went away before the answer ended" and event["stream"] is True
+    assert event["backend"] is None and event["decisions"][0]["effect"] == "allow"
+    assert 0 < event["tokens_out"] < DEFAULT_MAX  # what was delivered before the hang-up, not the whole answer
+    use = await spend.usage(name, "tokens")
+    assert use["reserved"] == 0  # the reservation did not stay held until its TTL
+    assert use["committed"] == event["tokens_in"] + event["tokens_out"]

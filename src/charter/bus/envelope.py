@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from ulid import ULID
 
 from charter.bus.subjects import SubjectError, validate_subject
@@ -60,6 +61,25 @@ def _bad(msg: str, where: str | None = None) -> Rejection:
     return Rejection(MALFORMED, msg, where)
 
 
+def _check_fields(eid: Any, subject: Any, sender: Any, ts: Any, nonce: Any, kind: Any) -> str:
+    """The header fields' checks, shared by `from_dict` and `seal`; returns the subject."""
+    if not isinstance(eid, str) or not _ULID.fullmatch(eid):
+        raise _bad("id must be a ULID (26 Crockford base32 characters)", "id")
+    try:
+        subject = validate_subject(subject)
+    except SubjectError as exc:
+        raise _bad(str(exc), "subject") from None
+    if not isinstance(sender, str) or not _SENDER.fullmatch(sender):
+        raise _bad("sender must be an agent id", "sender")
+    if type(ts) is not int or not 0 < ts < _MAX_TS:
+        raise _bad("ts must be an integer of milliseconds since the Unix epoch", "ts")
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
+        raise _bad("nonce must be 16 to 64 base64url characters", "nonce")
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        raise _bad("kind must be a lowercase token such as 'event'", "kind")
+    return subject
+
+
 def from_dict(obj: Any, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     """Validate a decoded JSON object as an envelope."""
     if not isinstance(obj, dict):
@@ -77,34 +97,17 @@ def from_dict(obj: Any, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     v = obj["v"]
     if v != VERSION or type(v) is not int:
         raise _bad(f"unsupported envelope version {v!r}; this bus speaks v{VERSION}", "v")
-    eid = obj["id"]
-    if not isinstance(eid, str) or not _ULID.fullmatch(eid):
-        raise _bad("id must be a ULID (26 Crockford base32 characters)", "id")
-    try:
-        subject = validate_subject(obj["subject"])
-    except SubjectError as exc:
-        raise _bad(str(exc), "subject") from None
-    sender = obj["sender"]
-    if not isinstance(sender, str) or not _SENDER.fullmatch(sender):
-        raise _bad("sender must be an agent id", "sender")
-    ts = obj["ts"]
-    if type(ts) is not int or not 0 < ts < _MAX_TS:
-        raise _bad("ts must be an integer of milliseconds since the Unix epoch", "ts")
-    nonce = obj["nonce"]
-    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
-        raise _bad("nonce must be 16 to 64 base64url characters", "nonce")
-    kind = obj["kind"]
-    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
-        raise _bad("kind must be a lowercase token such as 'event'", "kind")
+    eid, sender, ts, nonce, kind = obj["id"], obj["sender"], obj["ts"], obj["nonce"], obj["kind"]
+    subject = _check_fields(eid, obj["subject"], sender, ts, nonce, kind)
     sig = obj["sig"]
     if not isinstance(sig, str) or not _SIG.fullmatch(sig):
         raise _bad("sig must be an Ed25519 signature in unpadded base64url", "sig")
     unsigned = {k: obj[k] for k in obj if k != "sig"}
     try:
         signed = canonical(unsigned)
-        raw = canonical(obj)
     except EncodingError as exc:
         raise _bad(f"payload cannot be encoded canonically: {exc}", "payload") from None
+    raw = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)  # canonical(): `signed` checked every value but sig
     if len(raw) > max_bytes:
         raise Rejection(TOO_LARGE, f"envelope is {len(raw)} bytes; the limit is {max_bytes}")
     return Envelope(VERSION, eid, subject, sender, ts, nonce, kind, obj["payload"], sig, signed, raw)
@@ -146,20 +149,22 @@ def seal(
     nonce: str | None = None,
     eid: str | None = None,
 ) -> Envelope:
-    """Build and sign an envelope. Validates like `parse`, so a bad one fails here, not on the bus."""
-    unsigned = {
-        "v": VERSION,
-        "id": eid or str(ULID()),
-        "subject": subject,
-        "sender": sender,
-        "ts": now_ms() if ts is None else ts,
-        "nonce": nonce or new_nonce(),
-        "kind": kind,
-        "payload": payload,
-    }
+    """Build and sign an envelope, checked as `parse` checks one, so a bad one fails here, not on the bus.
+
+    Every call event and decision is sealed on the gateway's path, so the canonical bytes are encoded
+    once each: what is signed (with the NaN check) and, with the signature added, what is stored.
+    """
+    eid = eid or str(ULID())
+    ts = now_ms() if ts is None else ts
+    nonce = nonce or new_nonce()
+    subject = _check_fields(eid, subject, sender, ts, nonce, kind)
+    unsigned = {"v": VERSION, "id": eid, "subject": subject, "sender": sender, "ts": ts, "nonce": nonce,
+                "kind": kind, "payload": payload}
     try:
         signed = canonical(unsigned)
     except EncodingError as exc:
         raise _bad(f"payload cannot be encoded canonically: {exc}", "payload") from None
-    unsigned["sig"] = key.sign_b64(signed)
-    return from_dict(unsigned, max_bytes=2**31)
+    sig = key.sign_b64(signed)
+    unsigned["sig"] = sig
+    raw = orjson.dumps(unsigned, option=orjson.OPT_SORT_KEYS)  # canonical(): the values passed just above
+    return Envelope(VERSION, eid, subject, sender, ts, nonce, kind, payload, sig, signed, raw)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 from ulid import ULID
 
 from charter import __version__
@@ -185,31 +186,44 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
                 return _error_response(api, ApiError(502, f"the answer broke off: {exc.reason}", "midstream_failure",
                                                      "api_error"))
             assert result is not None
-            await gateway.record(agent, api, alias, req, gov, result, started, stream=False)
+            # The answer is settled in the ledger already; its call event is appended right after
+            # the body is sent, on this request's task, so the agent does not wait for the signing
+            # and the log write (see docs/architecture.md, "The gateway").
             return Response(orjson.dumps(_whole(api, model_name, text, result, gov, generate)),
-                            media_type="application/json")
+                            media_type="application/json",
+                            background=BackgroundTask(gateway.record, agent, api, alias, req, gov, result, started,
+                                                      stream=False))
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         encoder = _OpenAIStream(model_name, include_usage) if api == OPENAI else _OllamaStream(model_name, generate)
+        outcome: dict[str, Any] = {}
 
         async def body() -> AsyncIterator[bytes]:
-            result = None
             try:
                 async for p in all_pieces():
                     if isinstance(p, CallResult):
-                        result = p
+                        outcome["result"] = p
                         yield encoder.final(p, gov)
                     else:
                         yield encoder.piece(p)
             except MidstreamError as exc:
+                outcome["failed"] = exc
                 yield encoder.error(f"the answer broke off and no backend could continue it: {exc.reason}")
-                await gateway.record(agent, api, alias, req, gov, None, started, stream=True, error=exc.reason,
-                                     attempts=exc.attempts)
-                return
-            if result is not None:
-                await gateway.record(agent, api, alias, req, gov, result, started, stream=True)
+
+        async def after() -> None:
+            """The call event, once the last byte is sent, or once the agent went away mid-answer."""
+            failed: MidstreamError | None = outcome.get("failed")
+            if failed is not None:
+                await gateway.record(agent, api, alias, req, gov, None, started, stream=True, error=failed.reason,
+                                     attempts=failed.attempts)
+            elif "result" in outcome:
+                await gateway.record(agent, api, alias, req, gov, outcome["result"], started, stream=True)
+            else:
+                await gateway.record(agent, api, alias, req, gov, None, started, stream=True,
+                                     error="the client went away before the answer ended")
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
-        return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"})
+        return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"},
+                                 background=BackgroundTask(after))
 
     @app.post("/v1/chat/completions", tags=["models"], summary="OpenAI chat completions (streaming or not)")
     async def openai_chat(request: Request) -> Response:
