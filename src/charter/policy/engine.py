@@ -22,7 +22,6 @@ from charter.bus.subjects import matches
 TIERS = ("T0", "T1", "T2", "T3")
 EFFECTS = ("allow", "deny", "approve")
 ALLOW, DENY, APPROVE = "allow", "deny", "approve"
-RESERVED_NAMES = frozenset({"action", "agent"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +71,21 @@ class Rule:
         return any(matches(p, action) for p in self.actions)
 
 
+def _values(reads: tuple[str, ...], subject: Subject, action: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a condition reading `reads` can see: `action`, `agent`, and the request's attributes
+    (which can never stand in for the two reserved names). A name with no value stays unset, and
+    the condition fails to evaluate, as it would with every attribute given."""
+    values: dict[str, Any] = {}
+    for name in reads:
+        if name == "action":
+            values[name] = action
+        elif name == "agent":
+            values[name] = subject.as_cel()
+        elif name in attrs:
+            values[name] = attrs[name]
+    return values
+
+
 class PolicyEngine:
     def __init__(self, policy_id: str, version: int, policy_hash: str, rules: list[Rule]) -> None:
         self.policy_id, self.version, self.hash = policy_id, version, policy_hash
@@ -85,7 +99,11 @@ class PolicyEngine:
                 if "*" not in p and ">" not in p:
                     self._exact.setdefault(p, []).append(r)
         self._memo: dict[str, tuple[Rule, ...]] = {}
-        self._uses_agent = any(r.program is not None and "agent" in r.program.variables() for r in rules)
+        # The names each condition reads: its context holds only those. Converting a value into a
+        # `cel.Context` is most of a condition's cost (8 attributes ~6.5 us, 2 ~1.3 us, executing
+        # ~0.4 us), and a gateway call brings seven attributes to conditions that read one or two.
+        self._reads: dict[int, tuple[str, ...]] = {
+            r.order: tuple(sorted(set(r.program.variables()))) for r in rules if r.program is not None}
         # A condition over the action name alone (`action.matches("delete")`) is a constant for each
         # name: it is evaluated once per name and remembered, like the candidates.
         self._by_name = {r.order for r in rules if r.program is not None and _names_only_action(r.program)}
@@ -108,19 +126,17 @@ class PolicyEngine:
                *, explain: bool = False) -> Decision:
         path: list[str] = []
         attrs = attrs or {}
-        ctx = None
+        contexts: dict[tuple[str, ...], Any] = {}  # one per set of names read, shared by the rules reading it
         for rule in self.candidates(action):
             if rule.program is not None:
                 try:
                     if rule.order in self._by_name:
                         held = self._held_for_name(rule, action)
                     else:
+                        reads = self._reads[rule.order]
+                        ctx = contexts.get(reads)
                         if ctx is None:
-                            values = {k: v for k, v in attrs.items() if k not in RESERVED_NAMES}
-                            values["action"] = action
-                            if self._uses_agent:  # building the map costs more than most conditions
-                                values["agent"] = subject.as_cel()
-                            ctx = cel.Context(values)
+                            ctx = contexts[reads] = cel.Context(_values(reads, subject, action, attrs))
                         held = rule.program.execute(ctx) is True
                 except Exception as exc:  # noqa: BLE001 - a condition that cannot be evaluated
                     # Fail closed: a deny rule that cannot be evaluated denies, an approve rule asks

@@ -116,7 +116,10 @@ def serve(home: Home, host: str | None = None, port: int | None = None) -> int:
         access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
         # Longer than the clients' pools keep idle connections (the SDK: 30 s), so that the client,
         # not the daemon, closes an idle one; uvicorn's default of 5 s races every agent's next call.
-        timeout_keep_alive=75, **json_logs,
+        timeout_keep_alive=75,
+        # No proxy in front of Charter is trusted to rename its callers (uvicorn trusts one on
+        # 127.0.0.1 by default, which here means any local process): and one layer less per request.
+        proxy_headers=False, **json_logs,
     )
     server = _Server(uv, home, url, config.daemon.log_format)
     try:
