@@ -6,9 +6,12 @@ One fleet for the module, with periodic probes off so a fault set for one reques
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +20,9 @@ import openai
 import pytest
 
 from charter import __version__
-from tests.gateway.conftest import Fleet
+from charter.models.standin import spawn_standin
+from tests.conftest import start_daemon
+from tests.gateway.conftest import Fleet, gateway_home
 from tests.gateway.support import (
     APIS,
     BACKUP,
@@ -320,3 +325,47 @@ async def test_observer_is_refused_local_models(api: Api, clients: Clients, alia
     ev = await call_event(api.fleet.daemon, messages)  # the refusal is recorded too
     assert ev["name"] == "owl" and ev["backend"] is None and ev["error"]
     assert all(f["outcome"] == "skipped" and f["reason"].startswith("policy: ") for f in ev["fallbacks"])
+
+
+FREE_ROLE = """
+[roles.unmetered]
+description = "A worker with no budget: its model calls reserve nothing."
+publish = ["agents.{name}.>"]
+subscribe = ["agents.{name}.>"]
+read = []
+policy = "default"
+max_tier = "T2"
+"""
+
+
+async def test_the_answer_is_not_held_back_by_its_call_event_and_a_failed_event_is_logged(tmp_path: Path) -> None:
+    """Another process holds charter.db's write lock: an agent with no budget (nothing to reserve)
+    still gets its answer at once, since the call event is written after it is sent; the event's
+    write then fails after SQLite's busy timeout, and the daemon's log names the call. With the lock
+    gone, calls are recorded again."""
+    primary = spawn_standin(models=["llama3.2:3b"], control_port=True, token_delay=0.001)
+    backup = spawn_standin(models=["qwen2.5:0.5b"], control_port=True, token_delay=0.001)
+    home = gateway_home(tmp_path / "home", primary.port, backup.port, probe="1h")
+    home.config_path.write_text(home.config_path.read_text() + FREE_ROLE)
+    fleet = Fleet(home, start_daemon(home), primary, backup)
+    clients = Clients(fleet.daemon.url, enroll_key(fleet.daemon, "locked-out", "unmetered"), timeout=5.0)
+    blocker = sqlite3.connect(home.db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        reply = await clients.chat(OPENAI, "default", [{"role": "user", "content": "answer me while the log is locked"}],
+                                   stream=False)
+        assert_well_formed(reply)
+        for _ in range(300):  # SQLite's busy timeout in the daemon is 10 s
+            if "could not be written" in home.log_file.read_text(errors="replace"):
+                break
+            await asyncio.sleep(0.05)
+        line = next(ln for ln in home.log_file.read_text(errors="replace").splitlines() if "could not be written" in ln)
+        assert "locked-out" in line and "database is locked" in line
+        blocker.execute("ROLLBACK")
+        messages = [{"role": "user", "content": "and now?"}]
+        assert_well_formed(await clients.chat(OPENAI, "default", messages, stream=False))
+        assert (await call_event(fleet.daemon, messages))["error"] is None
+    finally:
+        blocker.close()
+        await clients.close()
+        finish(fleet)

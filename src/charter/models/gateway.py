@@ -21,6 +21,7 @@ the spend is over.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,8 @@ from charter.models.types import ChatRequest, Final
 if TYPE_CHECKING:
     from charter.node import Node
 
+
+log = logging.getLogger("charter.models")
 
 PER_MESSAGE_TOKENS = 8  # a chat template's role header and end-of-turn markers, per message
 TEMPLATE_TOKENS = 32  # begin-of-text, the assistant's header, a default system prompt some templates add
@@ -202,3 +205,15 @@ class Gateway:
             payload["answer"] = result.text if result else None
         self.node.metrics.call(payload["backend"], error is None, time.perf_counter() - started, payload["attempts"])
         await self.node.emit("charter.models.calls", payload)
+
+    async def record_after(self, agent: AgentRecord, api: str, alias: str, req: ChatRequest, gov: CallGovernor,
+                           result: CallResult | None, started: float, *, stream: bool, error: str | None = None,
+                           attempts: list[Any] | None = None) -> None:
+        """`record` once the answer has been sent: a failure to write the event (a full disk, say)
+        can no longer become the agent's error, so it is logged, by request id, for the operator."""
+        try:
+            await self.record(agent, api, alias, req, gov, result, started, stream=stream, error=error,
+                              attempts=attempts)
+        except Exception as exc:  # noqa: BLE001 - the answer is out; what is left is to say so
+            log.error("the call event of %s via %s could not be written: %s", agent.name, alias, exc,
+                      extra={"fields": {"agent": agent.name, "alias": alias, "error": f"{type(exc).__name__}: {exc}"}})

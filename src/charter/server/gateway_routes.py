@@ -191,8 +191,8 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             # and the log write (see docs/architecture.md, "The gateway").
             return Response(orjson.dumps(_whole(api, model_name, text, result, gov, generate)),
                             media_type="application/json",
-                            background=BackgroundTask(gateway.record, agent, api, alias, req, gov, result, started,
-                                                      stream=False))
+                            background=BackgroundTask(gateway.record_after, agent, api, alias, req, gov, result,
+                                                      started, stream=False))
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         encoder = _OpenAIStream(model_name, include_usage) if api == OPENAI else _OllamaStream(model_name, generate)
         outcome: dict[str, Any] = {}
@@ -213,13 +213,13 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             """The call event, once the last byte is sent, or once the agent went away mid-answer."""
             failed: MidstreamError | None = outcome.get("failed")
             if failed is not None:
-                await gateway.record(agent, api, alias, req, gov, None, started, stream=True, error=failed.reason,
-                                     attempts=failed.attempts)
+                await gateway.record_after(agent, api, alias, req, gov, None, started, stream=True,
+                                           error=failed.reason, attempts=failed.attempts)
             elif "result" in outcome:
-                await gateway.record(agent, api, alias, req, gov, outcome["result"], started, stream=True)
+                await gateway.record_after(agent, api, alias, req, gov, outcome["result"], started, stream=True)
             else:
-                await gateway.record(agent, api, alias, req, gov, None, started, stream=True,
-                                     error="the client went away before the answer ended")
+                await gateway.record_after(agent, api, alias, req, gov, None, started, stream=True,
+                                           error="the client went away before the answer ended")
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"},
