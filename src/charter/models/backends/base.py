@@ -126,22 +126,27 @@ MAX_LINE = 16 * 1024 * 1024  # a streamed line (one token's JSON) never comes ne
 
 
 async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: float,
-                     deadline: float) -> AsyncIterator[bytes]:
+                     deadline: float) -> AsyncIterator[tuple[bytes, bool]]:
     """Non-empty lines of a streaming body, with the first-token, idle and total timeouts applied.
 
     Reads whatever has arrived (`readany`) and hands out every complete line in it before waiting
     again, so a timer is armed only when the backend has to be waited for, not once per line: a
-    fast backend's whole answer often arrives in one or two reads.
+    fast backend's whole answer often arrives in one or two reads. Each line comes with `more`:
+    True when another line is already here, so a caller can pass on the text of one read at once
+    (one chunk to the client, not one per token) and never hold back a token it could send.
     """
     first = True
     buf = bytearray()
     while True:
-        while (end := buf.find(b"\n")) >= 0:
-            line = bytes(buf[:end]).strip()
+        end = buf.rfind(b"\n")
+        if end >= 0:
+            lines = [line for line in (raw.strip() for raw in bytes(buf[:end]).split(b"\n")) if line]
             del buf[:end + 1]
-            if line:
+            if lines:
                 first = False
-                yield line
+                last = len(lines) - 1
+                for i, line in enumerate(lines):
+                    yield line, i < last
         if len(buf) > MAX_LINE:
             raise BackendError("malformed", f"a streamed line longer than {MAX_LINE} bytes")
         wait = first_token if first else idle
@@ -159,7 +164,7 @@ async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: 
         if not chunk:  # the end of the body: a last line without its newline still counts
             line = bytes(buf).strip()
             if line:
-                yield line
+                yield line, False
             return
         buf += chunk
 

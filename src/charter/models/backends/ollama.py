@@ -41,19 +41,28 @@ class OllamaBackend(HttpBackend):
             async with resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                async for line in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
+                pending: list[str] = []  # the text of lines that arrived together: one piece
+                async for line, more in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
                     try:
                         obj = orjson.loads(line)
                     except orjson.JSONDecodeError:
-                        raise BackendError("malformed", f"not a JSON line: {line[:80]!r}") from None
-                    if not isinstance(obj, dict):
-                        raise BackendError("malformed", "a stream line is not a JSON object")
-                    if "error" in obj:
+                        obj = None
+                    if not isinstance(obj, dict) or "error" in obj:
+                        if pending:  # what came before the bad line was delivered: say so first
+                            yield "".join(pending)
+                            pending.clear()
+                        if obj is None:
+                            raise BackendError("malformed", f"not a JSON line: {line[:80]!r}")
+                        if not isinstance(obj, dict):
+                            raise BackendError("malformed", "a stream line is not a JSON object")
                         raise BackendError("midstream_error", str(obj["error"]))
                     text = (obj.get("message") or {}).get("content") or ""
                     if text:
                         produced += 1
-                        yield text
+                        pending.append(text)
+                    if pending and (not more or obj.get("done")):
+                        yield "".join(pending)
+                        pending.clear()
                     if obj.get("done"):
                         if not produced:
                             raise BackendError("empty", "HTTP 200 with an empty answer")
@@ -63,6 +72,8 @@ class OllamaBackend(HttpBackend):
                                     {k: obj[k] for k in ("total_duration", "load_duration", "prompt_eval_duration",
                                                          "eval_duration") if k in obj})
                         return
+                if pending:
+                    yield "".join(pending)
                 raise BackendError("truncated", "the stream ended without a final `done` object")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None

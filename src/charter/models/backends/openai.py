@@ -70,11 +70,14 @@ class OpenAIBackend(HttpBackend):
             async with resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                async for line in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
+                pending: list[str] = []  # the text of events that arrived together: one piece
+                async for line, more in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        if pending:
+                            yield "".join(pending)
                         if not produced:
                             raise BackendError("empty", "HTTP 200 with an empty answer")
                         yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
@@ -82,8 +85,15 @@ class OpenAIBackend(HttpBackend):
                     try:
                         chunk = orjson.loads(data)
                     except orjson.JSONDecodeError:
-                        raise BackendError("malformed", f"not a JSON event: {data[:80]!r}") from None
-                    if "error" in chunk:
+                        chunk = None
+                    if not isinstance(chunk, dict) or "error" in chunk:
+                        if pending:  # what came before the bad event was delivered: say so first
+                            yield "".join(pending)
+                            pending.clear()
+                        if chunk is None:
+                            raise BackendError("malformed", f"not a JSON event: {data[:80]!r}")
+                        if not isinstance(chunk, dict):
+                            raise BackendError("malformed", "a stream event is not a JSON object")
                         err = chunk["error"]
                         raise BackendError("midstream_error", str(err.get("message") if isinstance(err, dict) else err))
                     if chunk.get("usage"):
@@ -92,9 +102,14 @@ class OpenAIBackend(HttpBackend):
                         text = (choice.get("delta") or {}).get("content") or ""
                         if text:
                             produced += 1
-                            yield text
+                            pending.append(text)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
+                    if pending and not more:
+                        yield "".join(pending)
+                        pending.clear()
+                if pending:
+                    yield "".join(pending)
                 raise BackendError("truncated", "the stream ended without [DONE]")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
