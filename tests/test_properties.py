@@ -502,3 +502,18 @@ def test_read_lines_yields_the_same_lines_however_the_body_is_chunked(lines: lis
     got = asyncio.run(run())
     assert [line for line, _ in got] == expected
     assert not got or got[-1][1] is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), json_values.map(canonical), json_values.map(lambda e: canonical({"error": e}))))
+def test_decode_event_classifies_any_line_and_never_raises(raw: bytes) -> None:
+    """A streamed line is an object to use, or exactly one of the errors the router knows: never an
+    exception of its own (a JSON list or number used to raise AttributeError in the backends)."""
+    from charter.models.backends.base import decode_event
+
+    obj, bad = decode_event(raw, "line")
+    if bad is None:
+        assert isinstance(obj, dict) and "error" not in obj
+    else:
+        assert bad.kind in ("malformed", "midstream_error")
+        assert (bad.kind == "midstream_error") == (isinstance(obj, dict) and "error" in obj)

@@ -169,6 +169,21 @@ async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: 
         buf += chunk
 
 
+def decode_event(raw: bytes, what: str) -> tuple[dict[str, Any], BackendError | None]:
+    """One streamed JSON object (an NDJSON line, an SSE event's data), or the error it stands for:
+    not JSON or not an object (`malformed`), or a `{"error": ...}` sent under HTTP 200."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}, BackendError("malformed", f"not a JSON {what}: {raw[:80]!r}")
+    if not isinstance(obj, dict):
+        return {}, BackendError("malformed", f"a stream {what} is not a JSON object")
+    if "error" in obj:
+        err = obj["error"]
+        return obj, BackendError("midstream_error", str(err.get("message") if isinstance(err, dict) else err))
+    return obj, None
+
+
 async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
     raw = await resp.read()
     try:

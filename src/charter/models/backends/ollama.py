@@ -11,6 +11,7 @@ import orjson
 from charter.models.backends.base import (
     HttpBackend,
     classify_client_error,
+    decode_event,
     error_body,
     open_stream,
     options_for,
@@ -43,19 +44,11 @@ class OllamaBackend(HttpBackend):
                     raise await error_body(resp)
                 pending: list[str] = []  # the text of lines that arrived together: one piece
                 async for line, more in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
-                    try:
-                        obj = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if not isinstance(obj, dict) or "error" in obj:
+                    obj, bad = decode_event(line, "line")
+                    if bad is not None:
                         if pending:  # what came before the bad line was delivered: say so first
                             yield "".join(pending)
-                            pending.clear()
-                        if obj is None:
-                            raise BackendError("malformed", f"not a JSON line: {line[:80]!r}")
-                        if not isinstance(obj, dict):
-                            raise BackendError("malformed", "a stream line is not a JSON object")
-                        raise BackendError("midstream_error", str(obj["error"]))
+                        raise bad
                     text = (obj.get("message") or {}).get("content") or ""
                     if text:
                         produced += 1

@@ -11,7 +11,14 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from charter.models.backends.base import HttpBackend, classify_client_error, error_body, open_stream, read_lines
+from charter.models.backends.base import (
+    HttpBackend,
+    classify_client_error,
+    decode_event,
+    error_body,
+    open_stream,
+    read_lines,
+)
 from charter.models.types import BackendError, ChatRequest, Final
 
 
@@ -82,20 +89,11 @@ class OpenAIBackend(HttpBackend):
                             raise BackendError("empty", "HTTP 200 with an empty answer")
                         yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
                         return
-                    try:
-                        chunk = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        chunk = None
-                    if not isinstance(chunk, dict) or "error" in chunk:
+                    chunk, bad = decode_event(data, "event")
+                    if bad is not None:
                         if pending:  # what came before the bad event was delivered: say so first
                             yield "".join(pending)
-                            pending.clear()
-                        if chunk is None:
-                            raise BackendError("malformed", f"not a JSON event: {data[:80]!r}")
-                        if not isinstance(chunk, dict):
-                            raise BackendError("malformed", "a stream event is not a JSON object")
-                        err = chunk["error"]
-                        raise BackendError("midstream_error", str(err.get("message") if isinstance(err, dict) else err))
+                        raise bad
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
