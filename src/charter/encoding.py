@@ -39,14 +39,18 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def canonical(value: Any) -> bytes:
-    """Encode `value` as canonical JSON bytes."""
+def canonical(value: Any, *, finite: bool = False) -> bytes:
+    """Encode `value` as canonical JSON bytes.
+
+    `finite=True` skips the NaN check, for a value whose every float was just checked (an envelope
+    whose unsigned part was encoded a moment before, now with its signature added).
+    """
     try:
         data = orjson.dumps(value, option=_CANON)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EncodingError(str(exc)) from exc
     # orjson writes NaN and infinities as `null`; refuse them rather than change the value.
-    if b"null" in data and _non_finite(value):
+    if not finite and b"null" in data and _non_finite(value):
         raise EncodingError("NaN and infinities have no JSON form")
     return data
 

@@ -44,9 +44,9 @@ check = {{ kind = "tcp" }}
 """
 
 
-def app_needing(dep_label: str, dep_port: int, app_port: int, app_starts: Path) -> str:
-    """Services TOML: Charter's own `ai.test.app`, which exits unless `dep_label`'s port answers,
-    depending on `dep_label`, an external service checked on `dep_port`."""
+def app_service(dep_label: str, dep_port: int, app_port: int, app_starts: Path) -> str:
+    """Services TOML for Charter's own `ai.test.app`, which exits unless `dep_port` answers,
+    depending on `dep_label`."""
     command = toml_list([PY, SVC, "--port", str(app_port), "--starts", str(app_starts), "--require-port", str(dep_port)])
     return f"""
 [[services]]
@@ -58,7 +58,12 @@ retry_interval = "0.1s"
 port = {app_port}
 restart = {{ base = "0.1s", start_period = "5s" }}
 check = {{ kind = "tcp" }}
+"""
 
+
+def app_needing(dep_label: str, dep_port: int, app_port: int, app_starts: Path) -> str:
+    """`app_service`, and `dep_label` as an external service checked on `dep_port`."""
+    return app_service(dep_label, dep_port, app_port, app_starts) + f"""
 [[services]]
 label = "{dep_label}"
 interval = "0.3s"
@@ -134,17 +139,7 @@ async def test_processes_charter_runs_start_in_dependency_order_after_the_depend
     takes 0.8 s to listen. The app starts once, after the database's first passing check."""
     db_port, app_port = free_port(), free_port()
     app_starts, db_starts = tmp_path / "app.starts", tmp_path / "db.starts"
-    node = await node_factory(f"""
-[[services]]
-label = "ai.test.app"
-depends = ["ai.test.db"]
-command = {toml_list([PY, SVC, "--port", str(app_port), "--starts", str(app_starts), "--require-port", str(db_port)])}
-interval = "1s"
-retry_interval = "0.1s"
-port = {app_port}
-restart = {{ base = "0.1s", start_period = "5s" }}
-check = {{ kind = "tcp" }}
-
+    node = await node_factory(app_service("ai.test.db", db_port, app_port, app_starts) + f"""
 [[services]]
 label = "ai.test.db"
 command = {toml_list([PY, SVC, "--port", str(db_port), "--starts", str(db_starts), "--delay-listen", "0.8"])}

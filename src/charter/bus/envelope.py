@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from ulid import ULID
 
 from charter.bus.subjects import SubjectError, validate_subject
@@ -107,7 +106,7 @@ def from_dict(obj: Any, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
         signed = canonical(unsigned)
     except EncodingError as exc:
         raise _bad(f"payload cannot be encoded canonically: {exc}", "payload") from None
-    raw = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)  # canonical(): `signed` checked every value but sig
+    raw = canonical(obj, finite=True)  # `signed` checked every value but sig, a string
     if len(raw) > max_bytes:
         raise Rejection(TOO_LARGE, f"envelope is {len(raw)} bytes; the limit is {max_bytes}")
     return Envelope(VERSION, eid, subject, sender, ts, nonce, kind, obj["payload"], sig, signed, raw)
@@ -166,5 +165,5 @@ def seal(
         raise _bad(f"payload cannot be encoded canonically: {exc}", "payload") from None
     sig = key.sign_b64(signed)
     unsigned["sig"] = sig
-    raw = orjson.dumps(unsigned, option=orjson.OPT_SORT_KEYS)  # canonical(): the values passed just above
+    raw = canonical(unsigned, finite=True)  # the values checked just above, and sig, a string
     return Envelope(VERSION, eid, subject, sender, ts, nonce, kind, payload, sig, signed, raw)

@@ -212,14 +212,14 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
         async def after() -> None:
             """The call event, once the last byte is sent, or once the agent went away mid-answer."""
             failed: MidstreamError | None = outcome.get("failed")
+            result: CallResult | None = outcome.get("result")
+            error = None
             if failed is not None:
-                await gateway.record_after(agent, api, alias, req, gov, None, started, stream=True,
-                                           error=failed.reason, attempts=failed.attempts)
-            elif "result" in outcome:
-                await gateway.record_after(agent, api, alias, req, gov, outcome["result"], started, stream=True)
-            else:
-                await gateway.record_after(agent, api, alias, req, gov, None, started, stream=True,
-                                           error="the client went away before the answer ended")
+                error = failed.reason
+            elif result is None:
+                error = "the client went away before the answer ended"
+            await gateway.record_after(agent, api, alias, req, gov, result, started, stream=True, error=error,
+                                       attempts=failed.attempts if failed else None)
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"},
