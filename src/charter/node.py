@@ -19,6 +19,7 @@ from ulid import ULID
 
 from charter import __version__
 from charter.bus import envelope as envmod
+from charter.bus.deferred import DeferredEvents
 from charter.bus.envelope import Envelope
 from charter.bus.gate import Gate
 from charter.bus.log.base import ConsumerState, DuplicateIds, LogEntry, Receipt
@@ -139,6 +140,7 @@ class Node:
         self.counters: dict[str, int] = {"accepted": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.deferred = DeferredEvents(self._seal_event, self._write_sealed)  # see emit_soon
 
     async def start(self) -> None:
         """Rebuild the replay guard from the log, then announce the start on the bus."""
@@ -165,6 +167,7 @@ class Node:
                 log.exception("sweep failed")
 
     async def close(self) -> None:
+        await self.deferred.drain()  # queued events first, while everything they need is open
         if self._sweeper:
             self._sweeper.cancel()
         for t in list(self._tasks):
@@ -233,6 +236,10 @@ class Node:
         """Verify each envelope (bytes or decoded dicts); append all accepted ones in one transaction."""
         if len(items) > self.config.bus.max_batch:
             raise CharterError(BAD_REQUEST, f"a batch holds at most {self.config.bus.max_batch} envelopes", "batch")
+        return await self._append_batch(items)
+
+    async def _append_batch(self, items: Sequence[Any], *, signed_here: bool = False) -> list[Outcome]:
+        """Gate every item, then append the accepted ones in one transaction. `signed_here`: see Gate.check."""
         max_bytes = self.config.bus.max_envelope_bytes
         outcomes: list[Outcome | None] = [None] * len(items)
         accepted: list[tuple[int, Envelope]] = []
@@ -245,7 +252,7 @@ class Node:
                     env = envmod.parse(item, max_bytes=max_bytes)
                 else:
                     env = envmod.from_dict(item, max_bytes=max_bytes)
-                self.gate.check(env, now)
+                self.gate.check(env, now, signed_here=signed_here)
                 accepted.append((i, env))
             except Rejection as exc:
                 self._count(exc.code)
@@ -270,6 +277,21 @@ class Node:
                 self._after_action(env, r)
         self.counters["accepted"] += len(receipts)
         return outcomes  # type: ignore[return-value]
+
+    def _seal_event(self, subject: str, payload: Any) -> Envelope:
+        return envmod.seal(self.root_key, sender=OPERATOR_ID, subject=subject, payload=payload, kind="event")
+
+    async def _write_sealed(self, envelopes: Sequence[Envelope]) -> list[str | None]:
+        outcomes = await self._append_batch(envelopes, signed_here=True)
+        return [o.error.message if o.error else None for o in outcomes]
+
+    def emit_soon(self, subject: str, payload: Any) -> None:
+        """`emit`, for an event nobody waits for: queued, and written with others ~1 ms later in
+        one transaction (see charter.bus.deferred). A failure to write it is logged, not raised."""
+        rid = request_id.get()
+        if rid is not None and isinstance(payload, dict) and "request_id" not in payload:
+            payload = {**payload, "request_id": rid}
+        self.deferred.add(subject, payload)
 
     async def emit(self, subject: str, payload: Any, kind: str = "event") -> Receipt:
         """Publish as the operator (signed with the root key): lifecycle and daemon events.

@@ -21,7 +21,6 @@ the spend is over.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from charter.node import Node
 
 
-log = logging.getLogger("charter.models")
 
 PER_MESSAGE_TOKENS = 8  # a chat template's role header and end-of-turn markers, per message
 TEMPLATE_TOKENS = 32  # begin-of-text, the assistant's header, a default system prompt some templates add
@@ -184,7 +182,9 @@ class Gateway:
     async def record(self, agent: AgentRecord, api: str, alias: str, req: ChatRequest, gov: CallGovernor,
                      result: CallResult | None, started: float, *, stream: bool, error: str | None = None,
                      attempts: list[Any] | None = None) -> None:
-        """One event per call on `charter.models.calls`."""
+        """One event per call on `charter.models.calls`, queued: it is signed and appended with
+        others a moment later (`Node.emit_soon`), so no answer waits for it and a failure to write
+        it is logged for the operator, never turned into the agent's error."""
         tries = result.attempts if result else (attempts or [])
         payload: dict[str, Any] = {
             "agent_id": agent.id, "name": agent.name, "api": api, "alias": alias, "stream": stream,
@@ -204,16 +204,4 @@ class Gateway:
             payload["prompt"] = req.messages
             payload["answer"] = result.text if result else None
         self.node.metrics.call(payload["backend"], error is None, time.perf_counter() - started, payload["attempts"])
-        await self.node.emit("charter.models.calls", payload)
-
-    async def record_after(self, agent: AgentRecord, api: str, alias: str, req: ChatRequest, gov: CallGovernor,
-                           result: CallResult | None, started: float, *, stream: bool, error: str | None = None,
-                           attempts: list[Any] | None = None) -> None:
-        """`record` once the answer has been sent: a failure to write the event (a full disk, say)
-        can no longer become the agent's error, so it is logged, by request id, for the operator."""
-        try:
-            await self.record(agent, api, alias, req, gov, result, started, stream=stream, error=error,
-                              attempts=attempts)
-        except Exception as exc:  # noqa: BLE001 - the answer is out; what is left is to say so
-            log.error("the call event of %s via %s could not be written: %s", agent.name, alias, exc,
-                      extra={"fields": {"agent": agent.name, "alias": alias, "error": f"{type(exc).__name__}: {exc}"}})
+        self.node.emit_soon("charter.models.calls", payload)

@@ -186,13 +186,13 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
                 return _error_response(api, ApiError(502, f"the answer broke off: {exc.reason}", "midstream_failure",
                                                      "api_error"))
             assert result is not None
-            # The answer is settled in the ledger already; its call event is appended right after
-            # the body is sent, on this request's task, so the agent does not wait for the signing
-            # and the log write (see docs/architecture.md, "The gateway").
+            # The answer is settled in the ledger already; its call event is queued once the body
+            # is sent and written with others a moment later, so the agent waits for neither the
+            # signing nor the log write (see docs/architecture.md, "The gateway").
             return Response(orjson.dumps(_whole(api, model_name, text, result, gov, generate)),
                             media_type="application/json",
-                            background=BackgroundTask(gateway.record_after, agent, api, alias, req, gov, result,
-                                                      started, stream=False))
+                            background=BackgroundTask(gateway.record, agent, api, alias, req, gov, result, started,
+                                                      stream=False))
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         encoder = _OpenAIStream(model_name, include_usage) if api == OPENAI else _OllamaStream(model_name, generate)
         outcome: dict[str, Any] = {}
@@ -218,8 +218,8 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
                 error = failed.reason
             elif result is None:
                 error = "the client went away before the answer ended"
-            await gateway.record_after(agent, api, alias, req, gov, result, started, stream=True, error=error,
-                                       attempts=failed.attempts if failed else None)
+            await gateway.record(agent, api, alias, req, gov, result, started, stream=True, error=error,
+                                 attempts=failed.attempts if failed else None)
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"},
@@ -254,7 +254,7 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
         except AllFailed as failed:
             return _error_response(api, _refusal(gov, failed))
         ms = time.perf_counter() - started
-        await node.emit("charter.models.calls", {
+        node.emit_soon("charter.models.calls", {
             "agent_id": agent.id, "name": agent.name, "api": api, "alias": alias, "kind": "embed", "backend": ref,
             "attempts": [a.to_dict() for a in attempts], "tokens_in": tokens, "cost_usd": gov.usd / 1e6,
             "latency_ms": round(ms * 1000, 2)})

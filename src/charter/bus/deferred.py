@@ -1,0 +1,117 @@
+"""Operator events that nobody waits for, sealed and appended together a moment later.
+
+A model call's event is written after its answer has gone out: the agent does not wait for the
+signature and the log write. Written one by one, each such event still cost a transaction of its
+own (~0.1 ms of SQLite work, most of it the COMMIT) and ran the moment the answer left, exactly
+when the agent's next request arrives, which then waited behind it.
+
+`DeferredEvents` queues them and writes them `delay` later, all that arrived meanwhile in one
+transaction (group commit): under load many events share one COMMIT, and one agent's back-to-back
+calls find the loop free when their request comes in, the write happening while the gateway waits
+for the backend. Sealing is done at write time, a few events at a time with the loop let go in
+between, so a large batch never stalls other requests for long.
+
+What it costs: an event is in memory for `delay` (1 ms by default) before it is durable; a daemon
+killed in that window loses it (the answer was delivered and its spend settled before). A clean
+shutdown writes every queued event first (`drain`). A write that fails (a full disk, a database
+locked past its busy timeout) is logged with each event's subject and agent, never raised into a
+request that has long been answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from charter.bus.envelope import Envelope
+
+log = logging.getLogger("charter.bus")
+
+DELAY = 0.001  # seconds from the first queued event to its write
+MAX_BATCH = 256  # events per transaction at most
+SEAL_SLICE = 8  # events sealed between two turns of the loop
+
+Seal = Callable[[str, Any], Envelope]
+Write = Callable[[Sequence[Envelope]], Awaitable[list[str | None]]]  # per envelope: None, or why it was refused
+
+
+class DeferredEvents:
+    def __init__(self, seal: Seal, write: Write, *, delay: float = DELAY, max_batch: int = MAX_BATCH) -> None:
+        self._seal, self._write = seal, write
+        self.delay, self.max_batch = delay, max_batch
+        self._pending: list[tuple[str, Any]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.lost = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, subject: str, payload: Any) -> None:
+        """Queue one event; it is written within `delay` (later only if the loop is busy)."""
+        self._pending.append((subject, payload))
+        if self._task is not None or self._timer is not None:
+            return  # a write is coming, and takes whatever is queued by then
+        loop = asyncio.get_running_loop()
+        if len(self._pending) >= self.max_batch:
+            self._start()
+        else:
+            self._timer = loop.call_later(self.delay, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        if self._task is None and self._pending:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                del self._pending[:self.max_batch]
+                await self._write_batch(batch)
+        finally:
+            self._task = None
+
+    async def _write_batch(self, batch: list[tuple[str, Any]]) -> None:
+        sealed: list[tuple[str, Any, Envelope]] = []
+        for i, (subject, payload) in enumerate(batch):
+            if i and i % SEAL_SLICE == 0:
+                await asyncio.sleep(0)  # let requests in between slices
+            try:
+                sealed.append((subject, payload, self._seal(subject, payload)))
+            except Exception as exc:  # noqa: BLE001 - this event cannot be sealed; the others still go
+                self._lose(subject, payload, f"{type(exc).__name__}: {exc}")
+        if not sealed:
+            return
+        try:
+            refusals = await self._write([env for _, _, env in sealed])
+        except Exception as exc:  # noqa: BLE001 - the answers are out; what is left is to say so
+            for subject, payload, _ in sealed:
+                self._lose(subject, payload, f"{type(exc).__name__}: {exc}")
+            return
+        for (subject, payload, _), why in zip(sealed, refusals, strict=True):
+            if why is None:
+                self.written += 1
+            else:
+                self._lose(subject, payload, why)
+
+    def _lose(self, subject: str, payload: Any, why: str) -> None:
+        self.lost += 1
+        who = payload.get("name") if isinstance(payload, dict) else None
+        log.error("an event on %s (agent %s) could not be written: %s", subject, who or "-", why,
+                  extra={"fields": {"subject": subject, "agent": who, "error": why}})
+
+    async def drain(self) -> None:
+        """Write everything queued now (shutdown, or a caller that needs the events in the log)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._task is not None or self._pending:
+            if self._task is None:
+                self._start()
+            task = self._task
+            if task is not None:
+                await asyncio.shield(task)
