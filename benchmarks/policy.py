@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timer_overhead_ns_p50": overhead,
         },
         "charter": {
-            "what": "charter.policy.engine.PolicyEngine.decide, rules compiled from linted TOML; candidates memoised per action",
+            "what": "charter.policy.engine.PolicyEngine.decide, rules compiled from linted TOML; candidates memoised per action; a decision whose conditions read only strings, booleans and nulls remembered per value set (the wildcard workload's `tenant`)",
             **charter,
         },
         "comparison": comparison,

@@ -19,7 +19,7 @@ from typing import Any
 
 import cel
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from charter.bus.subjects import matches
@@ -832,3 +832,33 @@ async def test_a_publish_the_policy_denies_is_refused(tmp_path: Path) -> None:
         await alpha.close()
     finally:
         stop(home)
+
+
+MEMO_RULES = (
+    r("typed", "model.call", "deny", "T0", when='paid == true && string(amount_usd) == "-0"'),
+    r("sized", "model.call", "approve", "T1", when="amount_usd > 5.0 || tokens > 1000"),
+    r("named", "model.call", "allow", "T1", when='provider == "ollama" && agent.role == "worker"'),
+    r("listed", "model.call", "deny", "T1", when='"x" in tags'),
+    r("paid", "model.call", "allow", "T2"),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(
+    st.sampled_from([WORKER, OBSERVER, COORD]),
+    st.fixed_dictionaries({}, optional={
+        "provider": st.sampled_from(["ollama", "openai", "", "Ollama"]),
+        "paid": st.sampled_from([True, False, 1, 0, 1.0, "true", None]),
+        "amount_usd": st.sampled_from([0.0, -0.0, 5.0, 5.000001, 7, float("nan"), float("inf")]),
+        "tokens": st.integers(min_value=-2, max_value=2000),
+        "tags": st.lists(st.sampled_from(["x", "y"]), max_size=2)})), min_size=1, max_size=12))
+@example([(WORKER, {"paid": True, "amount_usd": 0.0}), (WORKER, {"paid": True, "amount_usd": -0.0}),
+          (WORKER, {"paid": 1, "amount_usd": -0.0}), (WORKER, {"paid": True}), (WORKER, {"paid": True})])
+def test_remembered_conditions_decide_as_a_fresh_evaluation(calls: list[tuple[Subject, dict[str, Any]]]) -> None:
+    """Decisions are remembered per set of values read; whatever came before, a decision is the one
+    a fresh engine makes: `true` is not `1` nor `"true"`, `-0.0` is not `0.0` to `string()`, a list
+    is not remembered, a missing attribute is an error (the allow rule skipped, the deny rule
+    denying) every time, not only the first."""
+    remembered = engine(*MEMO_RULES)
+    for subject, attrs in calls:
+        assert remembered.decide(subject, "model.call", attrs) == engine(*MEMO_RULES).decide(subject, "model.call", attrs)

@@ -108,6 +108,15 @@ class PolicyEngine:
         # name: it is evaluated once per name and remembered, like the candidates.
         self._by_name = {r.order for r in rules if r.program is not None and _names_only_action(r.program)}
         self._held: dict[tuple[int, str], bool | str] = {}
+        # A decision is a pure function of the action, the subject and the attributes its candidate
+        # rules' conditions read (CEL has no clock and no I/O; these conditions call no Python). When
+        # those are all strings, booleans or nulls (a gateway call's `provider` and `paid`, an MCP
+        # tool's name), the decision is made once and remembered: a decision costs a dict lookup.
+        # Numbers (amounts, token counts) differ from call to call, so a decision that reads one is
+        # made every time rather than filling the memo. Values are keyed with their type, as CEL
+        # tells `true` from `"true"`.
+        self._names: dict[str, tuple[str, ...]] = {}  # per action: the attribute names its candidates read
+        self._decided: dict[tuple[Any, ...], Decision] = {}
 
     def candidates(self, action: str) -> tuple[Rule, ...]:
         hit = self._memo.get(action)
@@ -119,13 +128,45 @@ class PolicyEngine:
             hit = tuple(sorted(found.values(), key=lambda r: r.order))
             if len(self._memo) > 10_000:
                 self._memo.clear()
+                self._names.clear()
             self._memo[action] = hit
+            self._names[action] = tuple(sorted({n for r in hit if r.program is not None for n in self._reads[r.order]}
+                                               - {"action", "agent"}))
         return hit
 
     def decide(self, subject: Subject, action: str, attrs: Mapping[str, Any] | None = None,
                *, explain: bool = False) -> Decision:
-        path: list[str] = []
         attrs = attrs or {}
+        if not explain:
+            key = self._decision_key(subject, action, attrs)
+            if key is not None:
+                hit = self._decided.get(key)
+                if hit is None:
+                    hit = self._decide(subject, action, attrs, False)
+                    if len(self._decided) >= MEMO_SIZE:
+                        self._decided.clear()
+                    self._decided[key] = hit
+                return hit
+        return self._decide(subject, action, attrs, explain)
+
+    def _decision_key(self, subject: Subject, action: str, attrs: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """What a decision depends on, as a dict key (see __init__); None when it reads a number,
+        a list or a map."""
+        names = self._names.get(action)
+        if names is None:
+            self.candidates(action)
+            names = self._names[action]
+        key: list[Any] = [action, subject.id, subject.name, subject.role, subject.max_tier]
+        for name in names:
+            v = attrs.get(name, _UNSET)
+            t = type(v)
+            if v is not _UNSET and t not in _PLAIN:
+                return None
+            key.append((t, v))
+        return tuple(key)
+
+    def _decide(self, subject: Subject, action: str, attrs: Mapping[str, Any], explain: bool) -> Decision:
+        path: list[str] = []
         contexts: dict[tuple[str, ...], Any] = {}  # one per set of names read, shared by the rules reading it
         for rule in self.candidates(action):
             if rule.program is not None:
@@ -191,6 +232,11 @@ class PolicyEngine:
             path.append("waits for an operator's approval" + (" (T3)" if rule.tier == "T3" else ""))
             return Decision(APPROVE, rule.id, rule.tier, rule.reason or f"rule {rule.id!r} requires approval", tuple(path))
         return Decision(ALLOW, rule.id, rule.tier, rule.reason or f"allowed by rule {rule.id!r}", tuple(path))
+
+
+MEMO_SIZE = 20_000  # remembered decisions; emptied when full
+_PLAIN = (str, bool, type(None))
+_UNSET = object()
 
 
 def _names_only_action(program: Any) -> bool:
