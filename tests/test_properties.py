@@ -517,3 +517,28 @@ def test_decode_event_classifies_any_line_and_never_raises(raw: bytes) -> None:
     else:
         assert bad.kind in ("malformed", "midstream_error")
         assert (bad.kind == "midstream_error") == (isinstance(obj, dict) and "error" in obj)
+
+
+# -- budget periods ------------------------------------------------------------------------------
+
+ZONES = ["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "Asia/Kathmandu",
+         "America/St_Johns", "Pacific/Chatham"]
+
+
+@PROPS
+@given(st.sampled_from(["hour", "day", "month"]), st.sampled_from(ZONES),
+       st.integers(min_value=0, max_value=4_102_444_800_000), st.integers(min_value=-3_600_000, max_value=3_600_000))
+def test_a_period_key_is_the_zones_calendar_whatever_was_asked_before(period: str, zone: str, now_ms: int,
+                                                                     step_ms: int) -> None:
+    """The key of an instant is its period in the zone's local calendar, also when the key of a
+    nearby instant (the same second, the other side of a boundary) was asked just before."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from charter.budget.periods import period_key
+
+    tz = ZoneInfo(zone)
+    fmt = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}[period]
+    for t in (now_ms + step_ms, now_ms, now_ms - now_ms % 1000, now_ms - now_ms % 1000 - 1):
+        if t >= 0:
+            assert period_key(period, t, tz) == dt.datetime.fromtimestamp(t / 1000, tz).strftime(fmt)
