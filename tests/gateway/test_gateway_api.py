@@ -40,6 +40,7 @@ from tests.gateway.support import (
     heal,
     model_events,
     space_tokens,
+    standin,
     start,
 )
 
@@ -396,3 +397,17 @@ async def test_a_token_is_passed_on_as_soon_as_it_arrives(api: Api, api_name: st
     assert len(arrivals) == 6, f"{len(arrivals)} chunks with text for 6 spaced tokens"
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert all(gap * 0.5 < g < gap * 3 for g in gaps), gaps
+
+
+async def test_a_finished_answer_gives_its_connection_back(api: Api, clients: Clients) -> None:
+    """One agent's calls one after another reuse one connection to the backend. An answer is over
+    at its last event, but the end of the HTTP body can come a moment later: a connection given
+    back before it is closed by the pool, and every call would pay for a new one."""
+    await standin(api.fleet.primary, "reset", {})
+    for i in range(12):
+        name, stream = APIS[i % 2], i % 4 >= 2
+        assert_well_formed(await clients.chat(name, PRIMARY, [{"role": "user", "content": f"reuse {i}"}],
+                                              stream=stream))
+    state = await standin(api.fleet.primary, "state")
+    assert state["requests"].get("/v1/chat/completions", 0) + state["requests"].get("/api/chat", 0) == 12
+    assert state["connections_seen"] <= 2, state

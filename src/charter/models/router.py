@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,19 +176,25 @@ class Router:
             got = ""
             try:
                 first = await self._first_token_timeout(backend, model)
-                async for piece in backend.stream(model, sub, first_token=first, idle=t.idle, total=t.total):
-                    if isinstance(piece, Final):
-                        await self._record_success(name)
-                        await governor.settle(admission, piece, got)
-                        attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
-                        full = delivered + got
-                        if not continued:
-                            self.cache.put(prompt_key(alias, req.messages), full, ref)
-                        yield CallResult(ref, piece, attempts, full, continued)
-                        return
-                    got += piece
-                    yield piece
-                raise BackendError("truncated", "the backend's stream ended without a final message")
+                # Closed here, not left to the garbage collector: an async generator dropped half-way
+                # is finalised through the loop (a thread-safe wake-up and a task per generator),
+                # and its HTTP response stays open until then.
+                async with aclosing(backend.stream(model, sub, first_token=first, idle=t.idle,
+                                                   total=t.total)) as stream:
+                    async for piece in stream:
+                        if isinstance(piece, Final):
+                            await self._record_success(name)
+                            await governor.settle(admission, piece, got)
+                            attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
+                            full = delivered + got
+                            if not continued:
+                                self.cache.put(prompt_key(alias, req.messages), full, ref)
+                            result = CallResult(ref, piece, attempts, full, continued)
+                            break
+                        got += piece
+                        yield piece
+                    else:
+                        raise BackendError("truncated", "the backend's stream ended without a final message")
             except BackendError as err:
                 if err.kind != "unconfigured":
                     await self._record_failure(name, err)
@@ -210,6 +217,8 @@ class Router:
                 else:
                     await governor.release(admission)
                 raise
+            yield result  # settled already: outside the try, so a client gone now is not settled twice
+            return
         if delivered:
             raise MidstreamError(attempts, "every remaining backend failed after the answer had started")
         raise AllFailed(attempts)
@@ -268,8 +277,10 @@ class Router:
         text = ""
         try:
             first = await self._first_token_timeout(backend, model)
-            async with asyncio.timeout(max(p.timeout, first if first > p.timeout else 0)):
-                async for piece in backend.stream(model, req, first_token=first, idle=p.timeout, total=p.timeout + first):
+            async with asyncio.timeout(max(p.timeout, first if first > p.timeout else 0)), \
+                    aclosing(backend.stream(model, req, first_token=first, idle=p.timeout,
+                                            total=p.timeout + first)) as stream:
+                async for piece in stream:
                     if isinstance(piece, Final):
                         break
                     text += piece

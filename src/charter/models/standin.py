@@ -514,6 +514,7 @@ class StandinOllama:
         self.version = version
         self.fault = Fault()
         self.requests: Counter[str] = Counter()
+        self.peers: set[tuple[str, int]] = set()  # client (address, port) pairs seen: one per connection
         self.cancelled = 0
         self.host = "127.0.0.1"
         self.port: int | None = None
@@ -661,6 +662,7 @@ class StandinOllama:
             "fault": self.fault.describe(),
             "requests": dict(self.requests),
             "requests_total": sum(self.requests.values()),
+            "connections_seen": len(self.peers),
             "cancelled": self.cancelled,
             "models": sorted(self.models),
             "loaded": sorted(self._loaded_now()),
@@ -715,6 +717,9 @@ class StandinOllama:
         if path.startswith(CONTROL_PREFIX):
             return await handler(request)
         self.requests[path] += 1
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer and len(self.peers) < 100_000:
+            self.peers.add((peer[0], peer[1]))
         mode = self.fault.mode
         if mode == "exit":
             os._exit(int(self.fault.params.get("code", 1)))
@@ -820,6 +825,7 @@ class StandinOllama:
     async def _ctl_reset(self, request: web.Request) -> web.Response:
         await self.apply_fault("none")
         self.requests.clear()
+        self.peers.clear()
         self.cancelled = 0
         self._loaded.clear()
         return _json(self.state())

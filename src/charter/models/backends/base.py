@@ -122,6 +122,36 @@ async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, 
     return resp, max(first_token - (time.monotonic() - started), 0.001)
 
 
+DRAIN_TIMEOUT = 2.0  # seconds a finished answer's body may take to end before its connection is dropped
+_draining: set[asyncio.Task[None]] = set()
+
+
+def release_when_complete(resp: aiohttp.ClientResponse) -> None:
+    """Give a finished answer's connection back to the pool, without making the answer wait.
+
+    An answer is complete at its last event (`[DONE]`, `done: true`), but the end of its body (the
+    chunked encoding's terminator) can arrive a moment later. Released before that, aiohttp closes
+    the connection and the next call pays for a new one (measured here: ~0.2 ms of CPU per call).
+    So: released now when the end is in, else by a task once it arrives (closed after DRAIN_TIMEOUT).
+    """
+    if resp.content.is_eof():
+        resp.release()
+        return
+    task = asyncio.get_running_loop().create_task(_release_at_eof(resp))
+    _draining.add(task)
+    task.add_done_callback(_draining.discard)
+
+
+async def _release_at_eof(resp: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await resp.content.wait_eof()
+    except Exception:  # noqa: BLE001 - a body that never ends, or breaks: not worth a connection
+        resp.close()
+        return
+    resp.release()
+
+
 MAX_LINE = 16 * 1024 * 1024  # a streamed line (one token's JSON) never comes near this
 
 

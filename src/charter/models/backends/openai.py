@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from charter.models.backends.base import (
     error_body,
     open_stream,
     read_lines,
+    release_when_complete,
 )
 from charter.models.types import BackendError, ChatRequest, Final
 
@@ -74,41 +76,50 @@ class OpenAIBackend(HttpBackend):
         try:
             resp, first_left = await open_stream(self.session, self.url + "/chat/completions", data=orjson.dumps(body),
                                                  headers=self._headers(), first_token=first_token, deadline=deadline)
-            async with resp:
-                if resp.status != 200:
-                    raise await error_body(resp)
-                pending: list[str] = []  # the text of events that arrived together: one piece
-                async for line, more in read_lines(resp, first_token=first_left, idle=idle, deadline=deadline):
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        if pending:
+            complete = False
+            try:
+                # read_lines is closed here, not left to the garbage collector (see Router.chat)
+                async with aclosing(read_lines(resp, first_token=first_left, idle=idle, deadline=deadline)) as lines:
+                    if resp.status != 200:
+                        raise await error_body(resp)
+                    pending: list[str] = []  # the text of events that arrived together: one piece
+                    async for line, more in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            if pending:
+                                yield "".join(pending)
+                            if not produced:
+                                raise BackendError("empty", "HTTP 200 with an empty answer")
+                            complete = True
+                            yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                            return
+                        chunk, bad = decode_event(data, "event")
+                        if bad is not None:
+                            if pending:  # what came before the bad event was delivered: say so first
+                                yield "".join(pending)
+                            raise bad
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or ():
+                            text = (choice.get("delta") or {}).get("content") or ""
+                            if text:
+                                produced += 1
+                                pending.append(text)
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+                        if pending and not more:
                             yield "".join(pending)
-                        if not produced:
-                            raise BackendError("empty", "HTTP 200 with an empty answer")
-                        yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-                        return
-                    chunk, bad = decode_event(data, "event")
-                    if bad is not None:
-                        if pending:  # what came before the bad event was delivered: say so first
-                            yield "".join(pending)
-                        raise bad
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        if text:
-                            produced += 1
-                            pending.append(text)
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                    if pending and not more:
+                            pending.clear()
+                    if pending:
                         yield "".join(pending)
-                        pending.clear()
-                if pending:
-                    yield "".join(pending)
-                raise BackendError("truncated", "the stream ended without [DONE]")
+                    raise BackendError("truncated", "the stream ended without [DONE]")
+            finally:
+                if complete:  # the connection goes back to the pool once the body has ended
+                    release_when_complete(resp)
+                else:
+                    resp.release()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
 
