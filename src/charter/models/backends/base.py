@@ -199,6 +199,30 @@ async def read_lines(resp: aiohttp.ClientResponse, *, first_token: float, idle: 
         buf += chunk
 
 
+class StreamedBody:
+    """A streamed answer's body: its lines (`read_lines`), closed on leaving the block, and the
+    connection given back to the pool when the answer was `complete` (see `release_when_complete`),
+    else dropped. The lines are closed here rather than left to the garbage collector, which would
+    finalise them through the loop (a thread-safe wake-up and a task each)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, *, first_token: float, idle: float, deadline: float) -> None:
+        self.resp = resp
+        self.lines = read_lines(resp, first_token=first_token, idle=idle, deadline=deadline)
+        self.complete = False
+
+    async def __aenter__(self) -> StreamedBody:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.lines.aclose()
+        finally:
+            if self.complete:
+                release_when_complete(self.resp)
+            else:
+                self.resp.release()
+
+
 def decode_event(raw: bytes, what: str) -> tuple[dict[str, Any], BackendError | None]:
     """One streamed JSON object (an NDJSON line, an SSE event's data), or the error it stands for:
     not JSON or not an object (`malformed`), or a `{"error": ...}` sent under HTTP 200."""

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 import aiohttp
 import orjson
 
 from charter.models.backends.base import (
     HttpBackend,
+    StreamedBody,
     classify_client_error,
     decode_event,
     error_body,
     open_stream,
     options_for,
-    read_lines,
-    release_when_complete,
 )
 from charter.models.types import BackendError, ChatRequest, Final
 
@@ -41,44 +39,36 @@ class OllamaBackend(HttpBackend):
             resp, first_left = await open_stream(self.session, self.url + "/api/chat", data=orjson.dumps(body),
                                                  headers={"Content-Type": "application/json"},
                                                  first_token=first_token, deadline=deadline)
-            complete = False
-            try:
-                # read_lines is closed here, not left to the garbage collector (see Router.chat)
-                async with aclosing(read_lines(resp, first_token=first_left, idle=idle, deadline=deadline)) as lines:
-                    if resp.status != 200:
-                        raise await error_body(resp)
-                    pending: list[str] = []  # the text of lines that arrived together: one piece
-                    async for line, more in lines:
-                        obj, bad = decode_event(line, "line")
-                        if bad is not None:
-                            if pending:  # what came before the bad line was delivered: say so first
-                                yield "".join(pending)
-                            raise bad
-                        text = (obj.get("message") or {}).get("content") or ""
-                        if text:
-                            produced += 1
-                            pending.append(text)
-                        if pending and (not more or obj.get("done")):
+            async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                pending: list[str] = []  # the text of lines that arrived together: one piece
+                async for line, more in answer.lines:
+                    obj, bad = decode_event(line, "line")
+                    if bad is not None:
+                        if pending:  # what came before the bad line was delivered: say so first
                             yield "".join(pending)
-                            pending.clear()
-                        if obj.get("done"):
-                            if not produced:
-                                raise BackendError("empty", "HTTP 200 with an empty answer")
-                            self._mark_loaded(model)
-                            complete = True
-                            yield Final(obj.get("done_reason") or "stop", int(obj.get("prompt_eval_count") or 0),
-                                        int(obj.get("eval_count") or 0),
-                                        {k: obj[k] for k in ("total_duration", "load_duration", "prompt_eval_duration",
-                                                             "eval_duration") if k in obj})
-                            return
-                    if pending:
+                        raise bad
+                    text = (obj.get("message") or {}).get("content") or ""
+                    if text:
+                        produced += 1
+                        pending.append(text)
+                    if pending and (not more or obj.get("done")):
                         yield "".join(pending)
-                    raise BackendError("truncated", "the stream ended without a final `done` object")
-            finally:
-                if complete:  # the connection goes back to the pool once the body has ended
-                    release_when_complete(resp)
-                else:
-                    resp.release()
+                        pending.clear()
+                    if obj.get("done"):
+                        if not produced:
+                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                        self._mark_loaded(model)
+                        answer.complete = True
+                        yield Final(obj.get("done_reason") or "stop", int(obj.get("prompt_eval_count") or 0),
+                                    int(obj.get("eval_count") or 0),
+                                    {k: obj[k] for k in ("total_duration", "load_duration", "prompt_eval_duration",
+                                                         "eval_duration") if k in obj})
+                        return
+                if pending:
+                    yield "".join(pending)
+                raise BackendError("truncated", "the stream ended without a final `done` object")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
 

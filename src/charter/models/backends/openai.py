@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,12 +13,11 @@ import orjson
 
 from charter.models.backends.base import (
     HttpBackend,
+    StreamedBody,
     classify_client_error,
     decode_event,
     error_body,
     open_stream,
-    read_lines,
-    release_when_complete,
 )
 from charter.models.types import BackendError, ChatRequest, Final
 
@@ -76,50 +74,42 @@ class OpenAIBackend(HttpBackend):
         try:
             resp, first_left = await open_stream(self.session, self.url + "/chat/completions", data=orjson.dumps(body),
                                                  headers=self._headers(), first_token=first_token, deadline=deadline)
-            complete = False
-            try:
-                # read_lines is closed here, not left to the garbage collector (see Router.chat)
-                async with aclosing(read_lines(resp, first_token=first_left, idle=idle, deadline=deadline)) as lines:
-                    if resp.status != 200:
-                        raise await error_body(resp)
-                    pending: list[str] = []  # the text of events that arrived together: one piece
-                    async for line, more in lines:
-                        if not line.startswith(b"data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            if pending:
-                                yield "".join(pending)
-                            if not produced:
-                                raise BackendError("empty", "HTTP 200 with an empty answer")
-                            complete = True
-                            yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-                            return
-                        chunk, bad = decode_event(data, "event")
-                        if bad is not None:
-                            if pending:  # what came before the bad event was delivered: say so first
-                                yield "".join(pending)
-                            raise bad
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or ():
-                            text = (choice.get("delta") or {}).get("content") or ""
-                            if text:
-                                produced += 1
-                                pending.append(text)
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
-                        if pending and not more:
+            async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
+                if resp.status != 200:
+                    raise await error_body(resp)
+                pending: list[str] = []  # the text of events that arrived together: one piece
+                async for line, more in answer.lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        if pending:
                             yield "".join(pending)
-                            pending.clear()
-                    if pending:
+                        if not produced:
+                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                        answer.complete = True
+                        yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                        return
+                    chunk, bad = decode_event(data, "event")
+                    if bad is not None:
+                        if pending:  # what came before the bad event was delivered: say so first
+                            yield "".join(pending)
+                        raise bad
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            produced += 1
+                            pending.append(text)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                    if pending and not more:
                         yield "".join(pending)
-                    raise BackendError("truncated", "the stream ended without [DONE]")
-            finally:
-                if complete:  # the connection goes back to the pool once the body has ended
-                    release_when_complete(resp)
-                else:
-                    resp.release()
+                        pending.clear()
+                if pending:
+                    yield "".join(pending)
+                raise BackendError("truncated", "the stream ended without [DONE]")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
 
