@@ -174,6 +174,7 @@ class Router:
                 sub = ChatRequest([*req.messages, {"role": "assistant", "content": delivered}], req.max_tokens,
                                   req.temperature, req.top_p, req.stop, req.seed, req.extra_options)
             got = ""
+            final: Final | None = None
             try:
                 first = await self._first_token_timeout(backend, model)
                 # Closed here, not left to the garbage collector: an async generator dropped half-way
@@ -183,13 +184,7 @@ class Router:
                                                    total=t.total)) as stream:
                     async for piece in stream:
                         if isinstance(piece, Final):
-                            await self._record_success(name)
-                            await governor.settle(admission, piece, got)
-                            attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
-                            full = delivered + got
-                            if not continued:
-                                self.cache.put(prompt_key(alias, req.messages), full, ref)
-                            result = CallResult(ref, piece, attempts, full, continued)
+                            final = piece
                             break
                         got += piece
                         yield piece
@@ -217,7 +212,16 @@ class Router:
                 else:
                     await governor.release(admission)
                 raise
-            yield result  # settled already: outside the try, so a client gone now is not settled twice
+            # The answer is complete (and its stream closed): outside the try, so nothing after this
+            # point can count as the backend's failure or settle the reservation a second time.
+            assert final is not None  # the loop above either found it or raised
+            await self._record_success(name)
+            await governor.settle(admission, final, got)
+            attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
+            full = delivered + got
+            if not continued:
+                self.cache.put(prompt_key(alias, req.messages), full, ref)
+            yield CallResult(ref, final, attempts, full, continued)
             return
         if delivered:
             raise MidstreamError(attempts, "every remaining backend failed after the answer had started")
