@@ -1,10 +1,15 @@
 """Events nobody waits for (`Node.emit_soon`): written together a moment later, never lost on a clean
-shutdown, and a failure to write them is told to the operator, not raised into a request."""
+shutdown, and a failure to write them is told to the operator, not raised into a request. And the
+log's background checkpoints, which must not hold up the requests either."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,4 +91,24 @@ async def test_a_failed_write_is_logged_with_each_event(tmp_path: Path, caplog: 
         assert node.deferred.lost == 3
     finally:
         node.log._db = __import__("charter.db", fromlist=["connect"]).connect(node.home.db_path)
+        await node.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a per-thread nice value is Linux's")
+async def test_the_log_checkpoints_at_the_lowest_priority(tmp_path: Path) -> None:
+    """The WAL's checkpoints run on a thread at nice 19: on a core shared with the event loop they
+    use what the requests leave, and the loop's own thread keeps its priority."""
+    log = SqliteLog(tmp_path / "charter.db")
+    node = Node(make_home(tmp_path / "home"))
+    try:
+        await log.append([node._seal_event("charter.test.soon", {"i": 0})])  # starts the checkpointer
+        threads = {t.name: t.native_id for t in threading.enumerate()}
+        tid = threads["charter-log-checkpoint"]
+        deadline = time.monotonic() + 5
+        while os.getpriority(os.PRIO_PROCESS, tid) != 19 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the thread sets it first thing, once it runs
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0) < 19
+    finally:
+        await log.close()
         await node.close()
