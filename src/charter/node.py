@@ -286,8 +286,9 @@ class Node:
         return [o.error.message if o.error else None for o in outcomes]
 
     def emit_soon(self, subject: str, payload: Any) -> None:
-        """`emit`, for an event nobody waits for: queued, and written with others ~1 ms later in
-        one transaction (see charter.bus.deferred). A failure to write it is logged, not raised."""
+        """`emit`, for an event nobody waits for: queued, and written at the next turn of the loop
+        with every other event queued in this one, in one transaction (see charter.bus.deferred).
+        A failure to write it is logged, not raised."""
         rid = request_id.get()
         if rid is not None and isinstance(payload, dict) and "request_id" not in payload:
             payload = {**payload, "request_id": rid}
