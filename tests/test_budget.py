@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from charter.budget.ledger import BUDGET_EXCEEDED, Ledger, Limit
+from charter.budget.ledger import BUDGET_EXCEEDED, Ledger, Limit, SettleItem
 from charter.budget.periods import period_key
 from charter.errors import CONFLICT, NOT_FOUND, CharterError
 from charter.sdk import Agent
@@ -418,6 +418,33 @@ def test_sweep_returns_expired_reservations(tmp_path: Path) -> None:
     with pytest.raises(CharterError) as exc:
         ledger.release(a.id)
     assert exc.value.code == CONFLICT
+    ledger.close()
+
+
+def test_a_batch_settles_each_reservation_on_its_own(tmp_path: Path) -> None:
+    """`settle_batch` (the gateway's settlements, booked together): each item is booked as `settle`
+    would book it; one that cannot be (unknown, settled already, another agent's) comes back as its
+    error and leaves the others booked."""
+    ledger = Ledger(tmp_path / "c.db")
+    lims = [Limit("global", "usd", "day", 10_000)]
+    held = [ledger.reserve(agent_id="a", role="w", usd=1000, tokens=100, limits=lims, now=NOW) for _ in range(4)]
+    ledger.settle(held[3].id, usd=10, tokens_in=1, tokens_out=1, now=NOW)
+    out = ledger.settle_batch([
+        SettleItem(held[0].id, 400, 3, 4, "a"),
+        SettleItem("res_unknown", 1, 0, 0, "a"),
+        SettleItem(held[1].id, 1500, 5, 6, "a"),  # beyond what it held: booked, an overrun
+        SettleItem(held[3].id, 1, 0, 0, "a"),  # settled already
+        SettleItem(held[2].id, 1, 0, 0, "someone-else"),
+    ], now=NOW)
+    assert [type(r).__name__ for r in out] == ["Settlement", "CharterError", "Settlement", "CharterError",
+                                              "CharterError"]
+    assert [r.code for r in out if isinstance(r, CharterError)] == [NOT_FOUND, CONFLICT, NOT_FOUND]
+    assert (out[0].usd, out[0].tokens, out[0].overrun) == (400, 7, False)
+    assert out[2].overrun and out[2].alerts[0]["kind"] == "overrun"
+    use = ledger.usage(lims, now=NOW)[0]
+    assert (use["reserved"], use["committed"]) == (1000, 10 + 400 + 1500)  # held[2] still held
+    assert ledger.settle(held[2].id, usd=0, tokens_in=0, tokens_out=0, now=NOW).usd == 0
+    assert ledger.settle_batch([]) == []
     ledger.close()
 
 

@@ -137,6 +137,10 @@ def test_sweep_returns_expired_reservations(on_postgres: str, tmp_path: Path) ->
     tb.test_sweep_returns_expired_reservations(tmp_path)
 
 
+def test_a_batch_settles_each_reservation_on_its_own(on_postgres: str, tmp_path: Path) -> None:
+    tb.test_a_batch_settles_each_reservation_on_its_own(tmp_path)
+
+
 @pytest.mark.parametrize("in_table", [True, False], ids=["operator-limit", "charter-default-limit"])
 def test_a_late_settle_books_the_real_use_and_names_the_cap_it_crossed(on_postgres: str, tmp_path: Path,
                                                                        in_table: bool) -> None:

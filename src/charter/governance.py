@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from charter.budget.deferred import DeferredSettlements
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
 from charter.budget.prices import FREE, MICRO, Price, PriceTable
@@ -67,12 +68,15 @@ class Governance:
         self.by_hash: dict[str, Policy] = self.versions.load_all(home.policies_dir)
         self.approvals = Approvals(home.db_path, synchronous=config.bus.synchronous)
         self.ledger = open_ledger(home, config)  # SQLite, or PostgreSQL ([store] backend)
+        # Model calls' settlements, booked just after their answers (budget/deferred.py).
+        self.settlements = DeferredSettlements(self.ledger, self.publish_alerts)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
         # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
         self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
     def close(self) -> None:
+        self.settlements.flush()  # normally drained by Node.close already, alerts included
         self.versions.close()
         self.approvals.close()
         self.ledger.close()

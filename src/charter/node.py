@@ -167,6 +167,7 @@ class Node:
                 log.exception("sweep failed")
 
     async def close(self) -> None:
+        await self.gov.settlements.drain()  # queued settlements (their alerts are events)
         await self.deferred.drain()  # queued events first, while everything they need is open
         if self._sweeper:
             self._sweeper.cancel()

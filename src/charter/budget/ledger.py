@@ -24,7 +24,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +121,17 @@ class Reservation:
     def to_dict(self) -> dict[str, Any]:
         return {"reservation_id": self.id, "usd_micros": self.usd, "tokens": self.tokens,
                 "expires_at": self.expires_at}
+
+
+@dataclass(frozen=True, slots=True)
+class SettleItem:
+    """One settlement to book in a batch (`settle_batch`): a reservation and its real use."""
+
+    reservation_id: str
+    usd: int
+    tokens_in: int
+    tokens_out: int
+    agent_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -360,56 +371,77 @@ class Ledger:
         The real amount is booked even when it is more than was reserved (see the module doc):
         the settlement is then an overrun, with an alert naming each limit it pushed over.
         """
+        now = _now() if now is None else now
+        with self._txn() as db:
+            return self._settle(db, reservation_id, usd, tokens_in, tokens_out, agent_id, now)
+
+    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | CharterError]:
+        """Settle many reservations in one transaction (one COMMIT), each on its own: one that
+        cannot be settled (unknown, settled already) is rolled back alone and returned as its error."""
+        now = _now() if now is None else now
+        out: list[Settlement | CharterError] = []
+        with self._txn() as db:
+            for item in items:
+                db.execute("SAVEPOINT item")
+                try:
+                    out.append(self._settle(db, item.reservation_id, item.usd, item.tokens_in, item.tokens_out,
+                                            item.agent_id, now))
+                except CharterError as exc:
+                    db.execute("ROLLBACK TO item")
+                    out.append(exc)
+                db.execute("RELEASE item")
+        return out
+
+    def _settle(self, db: Any, reservation_id: str, usd: int, tokens_in: int, tokens_out: int,
+                agent_id: str | None, now: int) -> Settlement:
         if usd < 0 or tokens_in < 0 or tokens_out < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
-        now = _now() if now is None else now
         tokens = tokens_in + tokens_out
-        with self._txn() as db:
-            row = db.execute(
-                "SELECT agent_id, role, model, usd, tokens, charges, state FROM reservations WHERE id = ?",
-                (reservation_id,),
-            ).fetchone()
-            if row is None or (agent_id is not None and row[0] != agent_id):
-                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
-            owner, role, model, r_usd, r_tokens, charges, state = row
-            if state in ("settled", "released"):
-                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
-            late = state == "expired"  # swept already: what it held is back in the budget
-            crossed: list[dict[str, Any]] = []
-            for scope, unit, period, key, amount, hard_then in _charges(charges):
-                actual = usd if unit == "usd" else tokens
-                held = 0 if late else amount
-                where = (scope, unit, period, key)
-                if held == 0:
-                    if actual == 0:
-                        continue
-                    db.execute("INSERT OR IGNORE INTO budget_usage VALUES (?,?,?,?,0,0,0)", where)
-                db.execute(
-                    "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
-                    "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                    (held, actual, *where),
-                )
-                if actual > held:  # this booking grew the period's use: did it cross the cap?
-                    reserved, committed = db.execute(
-                        "SELECT reserved, committed FROM budget_usage "
-                        "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?", where,
-                    ).fetchone()
-                    hard = db.execute(
-                        "SELECT hard FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
-                    ).fetchone()
-                    # A limit that is not in budget_limits (an agent's default from its charter) is
-                    # capped by the hard it had when the reservation was taken.
-                    cap = hard[0] if hard else hard_then
-                    if cap is not None and reserved + committed > cap:
-                        crossed.append(_crossed(scope, unit, period, key, reserved + committed, cap))
-            overrun = usd > r_usd or tokens > r_tokens or bool(crossed)
-            db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, reservation_id))
+        row = db.execute(
+            "SELECT agent_id, role, model, usd, tokens, charges, state FROM reservations WHERE id = ?",
+            (reservation_id,),
+        ).fetchone()
+        if row is None or (agent_id is not None and row[0] != agent_id):
+            raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+        owner, role, model, r_usd, r_tokens, charges, state = row
+        if state in ("settled", "released"):
+            raise CharterError(CONFLICT, f"reservation {reservation_id} is already {state}", "reservation_id")
+        late = state == "expired"  # swept already: what it held is back in the budget
+        crossed: list[dict[str, Any]] = []
+        for scope, unit, period, key, amount, hard_then in _charges(charges):
+            actual = usd if unit == "usd" else tokens
+            held = 0 if late else amount
+            where = (scope, unit, period, key)
+            if held == 0:
+                if actual == 0:
+                    continue
+                db.execute("INSERT OR IGNORE INTO budget_usage VALUES (?,?,?,?,0,0,0)", where)
             db.execute(
-                "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
-                 period_key("day", now, self.tz), int(overrun)),
+                "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
+                "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
+                (held, actual, *where),
             )
+            if actual > held:  # this booking grew the period's use: did it cross the cap?
+                reserved, committed = db.execute(
+                    "SELECT reserved, committed FROM budget_usage "
+                    "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?", where,
+                ).fetchone()
+                hard = db.execute(
+                    "SELECT hard FROM budget_limits WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
+                ).fetchone()
+                # A limit that is not in budget_limits (an agent's default from its charter) is
+                # capped by the hard it had when the reservation was taken.
+                cap = hard[0] if hard else hard_then
+                if cap is not None and reserved + committed > cap:
+                    crossed.append(_crossed(scope, unit, period, key, reserved + committed, cap))
+        overrun = usd > r_usd or tokens > r_tokens or bool(crossed)
+        db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, reservation_id))
+        db.execute(
+            "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (reservation_id, owner, role, model, usd, tokens_in, tokens_out, now,
+             period_key("day", now, self.tz), int(overrun)),
+        )
         alerts = [overrun_alert(reservation_id, model, r_usd, r_tokens, usd, tokens, late, crossed)] if overrun else []
         return Settlement(reservation_id, usd, tokens, overrun, late, alerts)
 

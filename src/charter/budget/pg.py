@@ -23,7 +23,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -35,6 +35,7 @@ from charter.budget.ledger import (
     SWEEP_BATCH,
     Limit,
     Reservation,
+    SettleItem,
     Settlement,
     _charges,
     _crossed,
@@ -344,6 +345,17 @@ class PgLedger:
             return Settlement(reservation_id, usd, tokens, overrun, late, alerts)
 
         return self._run(body)
+
+    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | CharterError]:
+        """`settle` for each, in its own transaction; one that cannot be settled is returned as its error."""
+        out: list[Settlement | CharterError] = []
+        for item in items:
+            try:
+                out.append(self.settle(item.reservation_id, usd=item.usd, tokens_in=item.tokens_in,
+                                       tokens_out=item.tokens_out, agent_id=item.agent_id, now=now))
+            except CharterError as exc:
+                out.append(exc)
+        return out
 
     def release(self, reservation_id: str, *, agent_id: str | None = None, now: int | None = None) -> None:
         now = _now() if now is None else now

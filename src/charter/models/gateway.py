@@ -4,7 +4,8 @@
 action `model.call`, paid models are T2, with the estimated `amount_usd` for amount rules), is the
 tier's per-action cap kept, and does the budget hold the most it could cost? It goes through
 `Governance.admit_spend`, the same checks as the reserve API. A refused paid rung is skipped so the
-call degrades to the free ones. After the call, the real usage is settled and one event records the
+call degrades to the free ones. After the call, the real usage is settled (booked a turn of the loop
+later, with other calls', see charter.budget.deferred) and one event records the
 agent, alias, backend, each rung's decision, each fallback and why, tokens, cost and latency, with
 hashes of prompt and answer by default.
 
@@ -139,7 +140,9 @@ class CallGovernor:
         return Admission(ref, price, res.id, usd, est_in, max_out)
 
     async def settle(self, adm: Admission, final: Final | None, text: str) -> None:
-        """Book the real usage; without it (a broken stream) an upper bound of what was delivered."""
+        """Book the real usage; without it (a broken stream) an upper bound of what was delivered.
+
+        The reservation stays held until the settlement is booked, a turn of the loop later."""
         if final is not None and (final.prompt_tokens or final.completion_tokens):
             t_in, t_out = final.prompt_tokens, final.completion_tokens
         else:  # no usage reported: the prompt's bound, and at most a token per delivered byte
@@ -151,10 +154,9 @@ class CallGovernor:
         self.tokens_in += t_in
         self.tokens_out += t_out
         self.usd += usd
-        if adm.reservation_id:
-            s = self.gw.node.gov.ledger.settle(adm.reservation_id, usd=usd, tokens_in=t_in, tokens_out=t_out,
-                                               agent_id=self.agent.id)
-            await self.gw.node.gov.publish_alerts(self.agent, s.alerts)
+        if adm.reservation_id:  # booked at the next turn of the loop, after the answer (budget/deferred.py)
+            self.gw.node.gov.settlements.add(self.agent, adm.reservation_id, usd=usd, tokens_in=t_in,
+                                             tokens_out=t_out)
 
     async def release(self, adm: Admission) -> None:
         if adm.reservation_id:

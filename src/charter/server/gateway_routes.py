@@ -186,9 +186,10 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
                 return _error_response(api, ApiError(502, f"the answer broke off: {exc.reason}", "midstream_failure",
                                                      "api_error"))
             assert result is not None
-            # The answer is settled in the ledger already; its call event is queued once the body
-            # is sent and written with others a moment later, so the agent waits for neither the
-            # signing nor the log write (see docs/architecture.md, "The gateway").
+            # The answer's settlement is queued already (booked at the next turn of the loop); its
+            # call event is queued once the body is sent and written with others a moment later, so
+            # the agent waits for neither the ledger, the signing nor the log write (see
+            # docs/architecture.md, "The gateway").
             return Response(orjson.dumps(_whole(api, model_name, text, result, gov, generate)),
                             media_type="application/json",
                             background=BackgroundTask(gateway.record, agent, api, alias, req, gov, result, started,

@@ -1,0 +1,134 @@
+"""Model calls' settlements, booked a turn of the loop after their answers (`DeferredSettlements`):
+together in one transaction, each on its own, never lost on a clean shutdown, and a settlement
+that cannot be booked is told to the operator rather than raised into an answer sent already."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from charter.budget.deferred import DeferredSettlements
+from charter.budget.ledger import Ledger, Limit
+from charter.identity.registry import AgentRecord
+from charter.node import Node
+from tests.conftest import make_home
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = [Limit("global", "usd", "day", 1_000_000)]
+
+
+class Who:
+    """The part of an AgentRecord the queue reads."""
+
+    def __init__(self, agent_id: str, name: str) -> None:
+        self.id, self.name = agent_id, name
+
+
+AGENT: Any = Who("agt_a", "alice")
+
+
+def held(ledger: Ledger, n: int, usd: int = 1000) -> list[str]:
+    return [ledger.reserve(agent_id=AGENT.id, role="w", usd=usd, tokens=100, limits=LIMITS).id for _ in range(n)]
+
+
+def use(ledger: Ledger) -> tuple[int, int]:
+    row = ledger.usage(LIMITS)[0]
+    return row["reserved"], row["committed"]
+
+
+class Published:
+    def __init__(self) -> None:
+        self.alerts: list[tuple[str, dict[str, Any]]] = []
+
+    async def __call__(self, agent: AgentRecord, alerts: list[dict[str, Any]]) -> None:
+        self.alerts += [(agent.name, a) for a in alerts]
+
+
+async def test_settlements_queued_in_one_turn_are_booked_together_at_the_next(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "c.db")
+    commits: list[str] = []
+    ledger._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    queue = DeferredSettlements(ledger, Published())
+    try:
+        rids = held(ledger, 20)
+        commits.clear()
+        for i, rid in enumerate(rids):
+            queue.add(AGENT, rid, usd=100 + i, tokens_in=5, tokens_out=5)
+        assert use(ledger) == (20_000, 0) and len(queue) == 20  # held at the full amount until booked
+        await asyncio.sleep(0)  # one turn of the loop
+        assert use(ledger) == (0, sum(100 + i for i in range(20)))
+        assert commits == ["COMMIT"]  # one transaction for the twenty
+        assert (queue.booked, queue.failed, len(queue)) == (20, 0, 0)
+    finally:
+        ledger.close()
+
+
+async def test_one_that_cannot_be_booked_is_logged_and_the_others_are_booked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = Ledger(tmp_path / "c.db")
+    queue = DeferredSettlements(ledger, Published())
+    try:
+        a, b = held(ledger, 2)
+        ledger.release(b)
+        with caplog.at_level(logging.ERROR, logger="charter.budget"):
+            queue.add(AGENT, a, usd=300, tokens_in=1, tokens_out=1)
+            queue.add(AGENT, b, usd=300, tokens_in=1, tokens_out=1)  # released already
+            queue.add(AGENT, "res_nope", usd=1, tokens_in=0, tokens_out=0)
+            await asyncio.sleep(0)
+        assert use(ledger) == (0, 300)
+        assert (queue.booked, queue.failed) == (1, 2)
+        said = [r.getMessage() for r in caplog.records if r.name == "charter.budget"]
+        assert len(said) == 2
+        assert b in said[0] and "alice" in said[0] and "already released" in said[0]
+        assert "res_nope" in said[1]
+    finally:
+        ledger.close()
+
+
+async def test_a_database_failure_is_logged_for_each_and_raised_into_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = Ledger(tmp_path / "c.db")
+    queue = DeferredSettlements(ledger, Published())
+    rids = held(ledger, 3)
+    ledger.close()  # every statement now fails
+    with caplog.at_level(logging.ERROR, logger="charter.budget"):
+        for rid in rids:
+            queue.add(AGENT, rid, usd=1, tokens_in=0, tokens_out=0)
+        await asyncio.sleep(0)
+    assert (queue.booked, queue.failed) == (0, 3)
+    assert sorted(rid for rid in rids for r in caplog.records if rid in r.getMessage()) == sorted(rids)
+
+
+async def test_an_overrun_is_published_once_booked(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "c.db")
+    published = Published()
+    queue = DeferredSettlements(ledger, published)
+    try:
+        (rid,) = held(ledger, 1, usd=1000)
+        queue.add(AGENT, rid, usd=2500, tokens_in=1, tokens_out=1)  # the backend outgrew the reservation
+        assert published.alerts == []
+        await queue.drain()
+        ((who, alert),) = published.alerts
+        assert who == "alice" and alert["kind"] == "overrun" and alert["usd"] == 2500
+        assert use(ledger) == (0, 2500)
+    finally:
+        ledger.close()
+
+
+async def test_a_clean_shutdown_books_what_is_queued(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    node = Node(home)
+    rid = node.gov.ledger.reserve(agent_id=AGENT.id, role="w", usd=5000, tokens=10, limits=LIMITS).id
+    node.gov.settlements.add(AGENT, rid, usd=1234, tokens_in=2, tokens_out=3)
+    await node.close()  # at once: no turn of the loop has passed
+    ledger = Ledger(home.db_path)
+    try:
+        assert use(ledger) == (0, 1234)
+        assert ledger.history(by="agent")[0]["usd_micros"] == 1234
+    finally:
+        ledger.close()
