@@ -49,7 +49,7 @@ class Published:
         self.alerts += [(agent.name, a) for a in alerts]
 
 
-async def test_settlements_queued_in_one_turn_are_booked_together_at_the_next(tmp_path: Path) -> None:
+async def test_settlements_are_booked_together_a_slice_per_turn_of_the_loop(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "c.db")
     commits: list[str] = []
     ledger._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
@@ -60,9 +60,13 @@ async def test_settlements_queued_in_one_turn_are_booked_together_at_the_next(tm
         for i, rid in enumerate(rids):
             queue.add(AGENT, rid, usd=100 + i, tokens_in=5, tokens_out=5)
         assert use(ledger) == (20_000, 0) and len(queue) == 20  # held at the full amount until booked
-        await asyncio.sleep(0)  # one turn of the loop
+        await asyncio.sleep(0)  # one turn of the loop: the first slice
+        assert queue.max_batch == 8
+        assert use(ledger) == (12_000, sum(100 + i for i in range(8))) and commits == ["COMMIT"]
+        for _ in range(2):
+            await asyncio.sleep(0)  # a slice per turn: the loop is free in between
         assert use(ledger) == (0, sum(100 + i for i in range(20)))
-        assert commits == ["COMMIT"]  # one transaction for the twenty
+        assert commits == ["COMMIT"] * 3  # three transactions for the twenty
         assert (queue.booked, queue.failed, len(queue)) == (20, 0, 0)
     finally:
         ledger.close()

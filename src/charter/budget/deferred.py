@@ -7,10 +7,13 @@ admission meanwhile sees more spent than there was, never less. Booked inline it
 request at a time ~0.15 ms of SQLite work in isolation, much more in the daemon (its COMMIT, and
 the pages the log's writes had made stale), all of it before the answer went out.
 
-`DeferredSettlements` books them at the next turn of the loop instead: every settlement queued
-during one turn in one transaction (`settle_batch`), so under load many calls share one COMMIT.
-The turn comes before any new request's handler runs, so a budget read after an answer sees it
-booked.
+`DeferredSettlements` books them at the next turn of the loop instead, up to `MAX_BATCH` in one
+transaction (`settle_batch`), so under load several calls share one COMMIT; more than that are
+booked over the following turns, a slice per turn, so that the requests in flight get the loop in
+between (at 16 calls in flight, one transaction for all of them held up the slowest answers: added
+p99 x1.2 side by side, against x0.85 with slices of 8). The first slice's turn comes before any new
+request's handler runs, so a budget read after an answer sees it booked (under load, one may see a
+later slice's reservations still held: more spent than there was, never less).
 
 What it costs: a daemon killed between an answer and that turn leaves the reservation held, as
 one killed while the backend was still answering does; the sweeper returns it at its expiry. The
@@ -33,7 +36,7 @@ from charter.identity.registry import AgentRecord
 
 log = logging.getLogger("charter.budget")
 
-MAX_BATCH = 256  # settlements per transaction at most
+MAX_BATCH = 8  # settlements per transaction (and per turn of the loop) at most
 
 Publish = Callable[[AgentRecord, list[dict[str, Any]]], Awaitable[None]]
 
@@ -59,7 +62,7 @@ class DeferredSettlements:
         """Queue one settlement; it is booked at the next turn of the loop."""
         self._pending.append((SettleItem(reservation_id, usd, tokens_in, tokens_out, agent.id), agent))
         if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_soon(self.flush)
+            self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
 
     def flush(self) -> None:
         """Book everything queued now, `max_batch` per transaction."""
@@ -67,9 +70,19 @@ class DeferredSettlements:
             self._handle.cancel()
             self._handle = None
         while self._pending:
-            batch = self._pending[:self.max_batch]
-            del self._pending[:self.max_batch]
-            self._book(batch)
+            self._book_slice()
+
+    def _next_turn(self) -> None:
+        """One slice per turn of the loop: requests in flight get the loop between two slices."""
+        self._handle = None
+        self._book_slice()
+        if self._pending:
+            self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _book_slice(self) -> None:
+        batch = self._pending[:self.max_batch]
+        del self._pending[:self.max_batch]
+        self._book(batch)
 
     def _book(self, batch: list[tuple[SettleItem, AgentRecord]]) -> None:
         try:
