@@ -108,6 +108,9 @@ class Metrics:
                                          "Gateway call latency by the backend and model that answered",
                                          ["backend", "model"], registry=self.registry,
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        # Each call's children, kept per (ref, ok): `labels()` takes a lock and builds its key every
+        # time. Bounded by the configured backends and models (refs come from the config).
+        self._call_children: dict[tuple[str | None, bool], tuple[Any, Any]] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -116,9 +119,14 @@ class Metrics:
         """One finished gateway call. `ref` is the `backend/model` that answered; a call that no
         backend completed has none, and counts as `outcome="error"` with empty backend and model
         (Prometheus reads an empty label as absent) rather than under an invented backend."""
-        backend, model = split_ref(ref)
-        self.gateway_requests.labels(backend, model, "ok" if ok else "error").inc()
-        self.gateway_latency.labels(backend, model).observe(seconds)
+        children = self._call_children.get((ref, ok))
+        if children is None:
+            backend, model = split_ref(ref)
+            children = self._call_children[(ref, ok)] = (
+                self.gateway_requests.labels(backend, model, "ok" if ok else "error"),
+                self.gateway_latency.labels(backend, model))
+        children[0].inc()
+        children[1].observe(seconds)
         for a in attempts:
             if a.get("outcome") != "ok":
                 reason = str(a.get("reason", "")).split(":", 1)[0].split(" (", 1)[0][:40]

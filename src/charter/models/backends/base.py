@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from charter.keepalive import STALE_ERRORS, ReuseProbe, reuse_trace
 
@@ -41,6 +42,14 @@ class HttpBackend:
         self.name, self.url = name, url.rstrip("/")
         self._connect = connect
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+
+    def endpoint(self, path: str) -> URL:
+        """The URL of `path` on this backend, parsed once (aiohttp parses a string on every call)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.url + path)
+        return url
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -93,7 +102,7 @@ def error_kind(status: int, message: str) -> str:
             504: "gateway_timeout", 404: "not_found", 401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
 
 
-async def open_stream(session: aiohttp.ClientSession, url: str, *, data: bytes, headers: dict[str, str],
+async def open_stream(session: aiohttp.ClientSession, url: str | URL, *, data: bytes, headers: dict[str, str],
                       first_token: float, deadline: float) -> tuple[aiohttp.ClientResponse, float]:
     """POST and wait for the response headers within the first-token timeout.
 
@@ -250,9 +259,13 @@ async def error_body(resp: aiohttp.ClientResponse) -> BackendError:
 
 
 def new_session(connect: float, limit: int = 256) -> aiohttp.ClientSession:
+    """One backend's keep-alive session. It keeps no cookies: the session serves every agent, so a
+    cookie one answer set (a cloud API's load balancer sets them) must not ride along on the next
+    agent's call; and not parsing them saves a little on every call."""
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, connect=connect),
         connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30, enable_cleanup_closed=True),
+        cookie_jar=aiohttp.DummyCookieJar(),
         json_serialize=lambda o: orjson.dumps(o).decode(),
         trace_configs=[reuse_trace()],
     )

@@ -36,7 +36,7 @@ class OllamaBackend(HttpBackend):
         deadline = time.monotonic() + total
         produced = 0
         try:
-            resp, first_left = await open_stream(self.session, self.url + "/api/chat", data=orjson.dumps(body),
+            resp, first_left = await open_stream(self.session, self.endpoint("/api/chat"), data=orjson.dumps(body),
                                                  headers={"Content-Type": "application/json"},
                                                  first_token=first_token, deadline=deadline)
             async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
@@ -74,7 +74,7 @@ class OllamaBackend(HttpBackend):
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
         try:
-            async with self.session.post(self.url + "/api/embed", json={"model": model, "input": inputs},
+            async with self.session.post(self.endpoint("/api/embed"), json={"model": model, "input": inputs},
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
@@ -88,7 +88,7 @@ class OllamaBackend(HttpBackend):
 
     async def _get(self, path: str, timeout: float = 3.0) -> dict:
         try:
-            async with self.session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.get(self.endpoint(path), timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
                 return orjson.loads(await resp.read())

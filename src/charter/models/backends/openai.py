@@ -72,7 +72,7 @@ class OpenAIBackend(HttpBackend):
         produced, finish = 0, "stop"
         usage: dict = {}
         try:
-            resp, first_left = await open_stream(self.session, self.url + "/chat/completions", data=orjson.dumps(body),
+            resp, first_left = await open_stream(self.session, self.endpoint("/chat/completions"), data=orjson.dumps(body),
                                                  headers=self._headers(), first_token=first_token, deadline=deadline)
             async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
                 if resp.status != 200:
@@ -115,7 +115,7 @@ class OpenAIBackend(HttpBackend):
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
         try:
-            async with self.session.post(self.url + "/embeddings", data=orjson.dumps({"model": model, "input": inputs}),
+            async with self.session.post(self.endpoint("/embeddings"), data=orjson.dumps({"model": model, "input": inputs}),
                                          headers=self._headers(),
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
@@ -130,7 +130,7 @@ class OpenAIBackend(HttpBackend):
 
     async def list_models(self) -> list[str]:
         try:
-            async with self.session.get(self.url + "/models", headers=self._headers(),
+            async with self.session.get(self.endpoint("/models"), headers=self._headers(),
                                         timeout=aiohttp.ClientTimeout(total=3)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
