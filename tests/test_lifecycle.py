@@ -22,7 +22,7 @@ from charter.errors import CharterError
 from charter.identity.certificate import verify_charter
 from charter.identity.keys import PublicKey, SigningKey
 from charter.identity.request_auth import sign_request
-from charter.node import rotate_proof_message
+from charter.identity.proofs import rotate_proof_message
 from charter.sdk import Agent
 from charter.sdk.credentials import Credentials
 from charter.server.daemon import stop

@@ -43,7 +43,8 @@ from charter.budget.ledger import Limit
 from charter.identity.keys import SigningKey
 from charter.identity.registry import AgentRecord
 from charter.identity.tokens import token_hash
-from charter.node import Node, enroll_proof_message
+from charter.identity.proofs import enroll_proof_message
+from charter.node import Node
 from charter.policy.approvals import decision_document, sign_decision
 from charter.reflect.engine import acknowledge, reflect
 from tests.conftest import make_home

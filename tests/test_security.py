@@ -29,7 +29,7 @@ from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.identity.request_auth import sign_request
 from charter.identity.tokens import token_hash
-from charter.node import enroll_proof_message
+from charter.identity.proofs import enroll_proof_message
 from charter.sdk import Agent
 from charter.server.daemon import stop
 from conftest import Daemon, make_home, start_daemon

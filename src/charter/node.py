@@ -27,7 +27,7 @@ from charter.bus.log.backends import open_log
 from charter.bus.replay import ReplayGuard
 from charter.bus.subjects import SubjectError, matches, validate_pattern
 from charter.config import Config, Home
-from charter.encoding import canonical, loads
+from charter.encoding import loads
 from charter.errors import (
     BAD_REQUEST,
     BAD_SIGNATURE,
@@ -57,15 +57,13 @@ from charter.identity.registry import SUSPENDED as ST_SUSPENDED
 from charter.identity.store import open_registry
 from charter.identity.tokens import looks_like_token, new_api_key, new_token, token_hash
 from charter.governance import Governance
+from charter.identity.proofs import enroll_proof_message, rotate_proof_message, subagent_proof_message
 from charter.observability.context import request_id
 from charter.sandbox import Sandbox
 
 log = logging.getLogger("charter.node")
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 FAR_FUTURE = 2**62
-ENROLL_PURPOSE = "charter.enroll"
-ROTATE_PURPOSE = "charter.rotate-key"
-SUBAGENT_PURPOSE = "charter.enroll-subagent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,20 +75,6 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         return self.receipt.to_dict() if self.receipt else {"error": self.error.to_dict()}  # type: ignore[union-attr]
-
-
-def enroll_proof_message(token_hash_hex: str, name: str, public_key: str, ts: int) -> bytes:
-    return canonical({"purpose": ENROLL_PURPOSE, "token_hash": token_hash_hex, "name": name,
-                      "public_key": public_key, "ts": ts})
-
-
-def rotate_proof_message(agent_id: str, new_public_key: str, ts: int) -> bytes:
-    return canonical({"purpose": ROTATE_PURPOSE, "agent_id": agent_id, "new_public_key": new_public_key, "ts": ts})
-
-
-def subagent_proof_message(parent_id: str, name: str, public_key: str, ts: int) -> bytes:
-    return canonical({"purpose": SUBAGENT_PURPOSE, "parent_id": parent_id, "name": name,
-                      "public_key": public_key, "ts": ts})
 
 
 class Node:

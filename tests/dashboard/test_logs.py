@@ -12,7 +12,7 @@ import pytest
 
 from charter.identity.keys import SigningKey
 from charter.identity.tokens import token_hash
-from charter.node import enroll_proof_message
+from charter.identity.proofs import enroll_proof_message
 from charter.server.daemon import stop
 from tests.conftest import make_home, start_daemon
 

@@ -69,7 +69,7 @@ def _live_db() -> Path | None:
 
 
 def _daemon_running() -> bool:
-    from charter.server.daemon import read_daemon_file
+    from charter.server.daemon_file import read_daemon_file
 
     return read_daemon_file(state.home) is not None
 

@@ -146,7 +146,7 @@ def up(
 @app.command()
 def dashboard() -> None:
     """Print the dashboard's address with this start's login token."""
-    from charter.server.daemon import dashboard_token, read_daemon_file
+    from charter.server.daemon_file import dashboard_token, read_daemon_file
 
     info = read_daemon_file(state.home)
     token = dashboard_token(state.home)

@@ -76,7 +76,7 @@ def migrate_command(
     from charter.cli.common import err, fail
     from charter.errors import CharterError
     from charter.migrate import migrate_log, migrate_store
-    from charter.server.daemon import read_daemon_file
+    from charter.server.daemon_file import read_daemon_file
 
     home = state.home
     if read_daemon_file(home):

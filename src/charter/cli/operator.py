@@ -9,7 +9,7 @@ from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.identity.registry import OPERATOR_ID
 from charter.sdk.http import SignedClient
-from charter.server.daemon import read_daemon_file
+from charter.server.daemon_file import read_daemon_file
 
 
 def daemon_url(home: Home) -> str:

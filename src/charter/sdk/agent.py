@@ -22,8 +22,8 @@ import orjson
 from charter.bus.envelope import Envelope, seal
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
+from charter.identity.proofs import enroll_proof_message, rotate_proof_message, subagent_proof_message
 from charter.identity.tokens import token_hash
-from charter.node import enroll_proof_message, rotate_proof_message, subagent_proof_message
 from charter.sdk.credentials import Credentials
 from charter.sdk.http import SignedClient
 
