@@ -136,3 +136,25 @@ async def test_a_clean_shutdown_books_what_is_queued(tmp_path: Path) -> None:
         assert ledger.history(by="agent")[0]["usd_micros"] == 1234
     finally:
         ledger.close()
+
+
+def test_booked_outside_the_loop_an_alert_is_logged_not_lost_in_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`Governance.close` flushes outside any loop when a Node was not closed: the booking still
+    happens and an overrun's alert, which needs the loop to be published, is logged instead."""
+    ledger = Ledger(tmp_path / "c.db")
+    queue = DeferredSettlements(ledger, Published())
+
+    async def queue_one() -> None:
+        (rid,) = held(ledger, 1, usd=1000)
+        queue.add(AGENT, rid, usd=2000, tokens_in=1, tokens_out=1)
+        queue._handle.cancel()  # type: ignore[union-attr] - the loop ends before its next turn
+
+    try:
+        asyncio.run(queue_one())
+        with caplog.at_level(logging.WARNING, logger="charter.budget"):
+            queue.flush()
+        assert use(ledger) == (0, 2000) and queue.booked == 1
+        assert any("not published" in r.getMessage() and "alice" in r.getMessage() for r in caplog.records)
+    finally:
+        ledger.close()

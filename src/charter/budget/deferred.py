@@ -97,9 +97,19 @@ class DeferredSettlements:
                 continue
             self.booked += 1
             if result.alerts:
-                task = asyncio.get_running_loop().create_task(self._publish(agent, result.alerts))
-                self._alerts.add(task)
-                task.add_done_callback(self._alerts.discard)
+                self._publish_soon(agent, result.alerts)
+
+    def _publish_soon(self, agent: AgentRecord, alerts: list[dict[str, Any]]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # booked by a close() outside the loop: the alert can only be logged
+            for alert in alerts:
+                log.warning("budget alert for %s not published (no event loop): %s", agent.name, alert,
+                            extra={"fields": {"agent": agent.name, "alert": alert}})
+            return
+        task = loop.create_task(self._publish(agent, alerts))
+        self._alerts.add(task)
+        task.add_done_callback(self._alerts.discard)
 
     def _fail(self, item: SettleItem, agent: AgentRecord, why: str) -> None:
         self.failed += 1
