@@ -423,27 +423,29 @@ def test_sweep_returns_expired_reservations(tmp_path: Path) -> None:
 
 def test_a_batch_settles_each_reservation_on_its_own(tmp_path: Path) -> None:
     """`settle_batch` (the gateway's settlements, booked together): each item is booked as `settle`
-    would book it; one that cannot be (unknown, settled already, another agent's) comes back as its
-    error and leaves the others booked."""
+    would book it; one that cannot be (unknown, settled already, another agent's, an amount the
+    database cannot hold) comes back as its exception and leaves the others booked."""
     ledger = Ledger(tmp_path / "c.db")
     lims = [Limit("global", "usd", "day", 10_000)]
-    held = [ledger.reserve(agent_id="a", role="w", usd=1000, tokens=100, limits=lims, now=NOW) for _ in range(4)]
+    held = [ledger.reserve(agent_id="a", role="w", usd=1000, tokens=100, limits=lims, now=NOW) for _ in range(5)]
     ledger.settle(held[3].id, usd=10, tokens_in=1, tokens_out=1, now=NOW)
     out = ledger.settle_batch([
         SettleItem(held[0].id, 400, 3, 4, "a"),
         SettleItem("res_unknown", 1, 0, 0, "a"),
+        SettleItem(held[4].id, 2**63, 0, 0, "a"),  # no 64-bit column holds it: this item fails alone
         SettleItem(held[1].id, 1500, 5, 6, "a"),  # beyond what it held: booked, an overrun
         SettleItem(held[3].id, 1, 0, 0, "a"),  # settled already
         SettleItem(held[2].id, 1, 0, 0, "someone-else"),
     ], now=NOW)
-    assert [type(r).__name__ for r in out] == ["Settlement", "CharterError", "Settlement", "CharterError",
-                                              "CharterError"]
-    assert [r.code for r in out if isinstance(r, CharterError)] == [NOT_FOUND, CONFLICT, NOT_FOUND]
-    assert (out[0].usd, out[0].tokens, out[0].overrun) == (400, 7, False)
-    assert out[2].overrun and out[2].alerts[0]["kind"] == "overrun"
+    failed = [i for i, r in enumerate(out) if isinstance(r, Exception)]
+    assert failed == [1, 2, 4, 5]
+    assert [out[i].code for i in (1, 4, 5)] == [NOT_FOUND, CONFLICT, NOT_FOUND]  # type: ignore[union-attr]
+    assert not isinstance(out[2], CharterError)  # the database's own error, returned as it came
+    assert (out[0].usd, out[0].tokens, out[0].overrun) == (400, 7, False)  # type: ignore[union-attr]
+    assert out[3].overrun and out[3].alerts[0]["kind"] == "overrun"  # type: ignore[union-attr]
     use = ledger.usage(lims, now=NOW)[0]
-    assert (use["reserved"], use["committed"]) == (1000, 10 + 400 + 1500)  # held[2] still held
-    assert ledger.settle(held[2].id, usd=0, tokens_in=0, tokens_out=0, now=NOW).usd == 0
+    assert (use["reserved"], use["committed"]) == (2000, 10 + 400 + 1500)  # held[2] and held[4] still held
+    assert ledger.settle(held[4].id, usd=5, tokens_in=0, tokens_out=0, now=NOW).usd == 5
     assert ledger.settle_batch([]) == []
     ledger.close()
 

@@ -14,6 +14,8 @@ import pytest
 from charter.budget.deferred import DeferredSettlements
 from charter.budget.ledger import Ledger, Limit
 from charter.identity.registry import AgentRecord
+from charter.bus.log.sqlite import SqliteLog
+from charter.encoding import loads
 from charter.node import Node
 from tests.conftest import make_home
 
@@ -79,17 +81,20 @@ async def test_one_that_cannot_be_booked_is_logged_and_the_others_are_booked(
     try:
         a, b = held(ledger, 2)
         ledger.release(b)
+        (c,) = held(ledger, 1)
         with caplog.at_level(logging.ERROR, logger="charter.budget"):
             queue.add(AGENT, a, usd=300, tokens_in=1, tokens_out=1)
             queue.add(AGENT, b, usd=300, tokens_in=1, tokens_out=1)  # released already
+            queue.add(AGENT, c, usd=2**63, tokens_in=0, tokens_out=0)  # more than SQLite can hold
             queue.add(AGENT, "res_nope", usd=1, tokens_in=0, tokens_out=0)
             await asyncio.sleep(0)
-        assert use(ledger) == (0, 300)
-        assert (queue.booked, queue.failed) == (1, 2)
+        assert use(ledger) == (1000, 300)  # c still held, for the sweeper
+        assert (queue.booked, queue.failed) == (1, 3)
         said = [r.getMessage() for r in caplog.records if r.name == "charter.budget"]
-        assert len(said) == 2
+        assert len(said) == 3
         assert b in said[0] and "alice" in said[0] and "already released" in said[0]
-        assert "res_nope" in said[1]
+        assert c in said[1] and "OverflowError" in said[1]
+        assert "res_nope" in said[2]
     finally:
         ledger.close()
 
@@ -158,3 +163,30 @@ def test_booked_outside_the_loop_an_alert_is_logged_not_lost_in_an_error(
         assert any("not published" in r.getMessage() and "alice" in r.getMessage() for r in caplog.records)
     finally:
         ledger.close()
+
+
+async def test_what_closing_the_gateway_settles_is_booked_and_alerted_before_the_log_closes(tmp_path: Path) -> None:
+    """A stream broken by the gateway's own close settles what it delivered, after the first drain
+    of `Node.close`: it is still booked, and its overrun alert still reaches the log."""
+    home = make_home(tmp_path / "home")
+    node = Node(home)
+    rid = node.gov.ledger.reserve(agent_id=AGENT.id, role="w", usd=1000, tokens=10, limits=LIMITS).id
+    close_gateway = node.gateway.close
+
+    async def closing() -> None:
+        await close_gateway()
+        node.gov.settlements.add(AGENT, rid, usd=4000, tokens_in=1, tokens_out=1)  # an overrun
+
+    node.gateway.close = closing  # type: ignore[method-assign]
+    await node.close()
+    ledger = Ledger(home.db_path)
+    try:
+        assert use(ledger) == (0, 4000)
+    finally:
+        ledger.close()
+    log = SqliteLog(home.db_path)
+    try:
+        alerts = [loads(e.raw)["payload"] for e in await log.read(0, 10_000) if e.subject == "charter.budget.alerts"]
+    finally:
+        await log.close()
+    assert [(a["kind"], a["usd"], a["name"]) for a in alerts] == [("overrun", 4000, "alice")]

@@ -76,7 +76,7 @@ class Governance:
         self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
     def close(self) -> None:
-        self.settlements.flush()  # normally drained by Node.close already, alerts included
+        self.settlements.flush(publish=False)  # Node.close drained them; the log may be closed by now
         self.versions.close()
         self.approvals.close()
         self.ledger.close()

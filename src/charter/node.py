@@ -163,6 +163,9 @@ class Node:
         await self.capsules.close()
         await self.archivist.close()
         self.reflector.close()
+        # What closing them queued (a stream broken by the gateway's close settles what it sent).
+        await self.gov.settlements.drain()
+        await self.deferred.drain()
         await self.log.close()
         self.registry.close()
         self.gov.close()

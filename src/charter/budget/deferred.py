@@ -42,7 +42,7 @@ Publish = Callable[[AgentRecord, list[dict[str, Any]]], Awaitable[None]]
 
 
 class BatchLedger(Protocol):
-    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | CharterError]: ...
+    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | Exception]: ...
 
 
 class DeferredSettlements:
@@ -64,27 +64,28 @@ class DeferredSettlements:
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
 
-    def flush(self) -> None:
-        """Book everything queued now, `max_batch` per transaction."""
+    def flush(self, *, publish: bool = True) -> None:
+        """Book everything queued now, `max_batch` per transaction. With `publish=False` (the
+        ledger's last moments, the log may be closed) overrun alerts are logged, not published."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         while self._pending:
-            self._book_slice()
+            self._book_slice(publish)
 
     def _next_turn(self) -> None:
         """One slice per turn of the loop: requests in flight get the loop between two slices."""
         self._handle = None
-        self._book_slice()
+        self._book_slice(True)
         if self._pending:
             self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
 
-    def _book_slice(self) -> None:
+    def _book_slice(self, publish: bool) -> None:
         batch = self._pending[:self.max_batch]
         del self._pending[:self.max_batch]
-        self._book(batch)
+        self._book(batch, publish)
 
-    def _book(self, batch: list[tuple[SettleItem, AgentRecord]]) -> None:
+    def _book(self, batch: list[tuple[SettleItem, AgentRecord]], publish: bool) -> None:
         try:
             results = self._ledger.settle_batch([item for item, _ in batch])
         except Exception as exc:  # noqa: BLE001 - the answers are out; what is left is to say so
@@ -95,16 +96,21 @@ class DeferredSettlements:
             if isinstance(result, CharterError):
                 self._fail(item, agent, result.message)
                 continue
+            if isinstance(result, Exception):
+                self._fail(item, agent, f"{type(result).__name__}: {result}")
+                continue
             self.booked += 1
             if result.alerts:
-                self._publish_soon(agent, result.alerts)
+                self._publish_soon(agent, result.alerts, publish)
 
-    def _publish_soon(self, agent: AgentRecord, alerts: list[dict[str, Any]]) -> None:
+    def _publish_soon(self, agent: AgentRecord, alerts: list[dict[str, Any]], publish: bool = True) -> None:
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # booked by a close() outside the loop: the alert can only be logged
+            loop = asyncio.get_running_loop() if publish else None
+        except RuntimeError:  # booked by a close() outside the loop
+            loop = None
+        if loop is None:  # the alert can only be logged
             for alert in alerts:
-                log.warning("budget alert for %s not published (no event loop): %s", agent.name, alert,
+                log.warning("budget alert for %s not published (shutting down): %s", agent.name, alert,
                             extra={"fields": {"agent": agent.name, "alert": alert}})
             return
         task = loop.create_task(self._publish(agent, alerts))

@@ -375,18 +375,19 @@ class Ledger:
         with self._txn() as db:
             return self._settle(db, reservation_id, usd, tokens_in, tokens_out, agent_id, now)
 
-    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | CharterError]:
+    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | Exception]:
         """Settle many reservations in one transaction (one COMMIT), each on its own: one that
-        cannot be settled (unknown, settled already) is rolled back alone and returned as its error."""
+        cannot be settled (unknown, settled already, an amount SQLite cannot hold, a statement that
+        failed) is rolled back alone and returned as its exception; the others are booked."""
         now = _now() if now is None else now
-        out: list[Settlement | CharterError] = []
+        out: list[Settlement | Exception] = []
         with self._txn() as db:
             for item in items:
                 db.execute("SAVEPOINT item")
                 try:
                     out.append(self._settle(db, item.reservation_id, item.usd, item.tokens_in, item.tokens_out,
                                             item.agent_id, now))
-                except CharterError as exc:
+                except Exception as exc:  # noqa: BLE001 - this item's failure; a failing rollback ends them all
                     db.execute("ROLLBACK TO item")
                     out.append(exc)
                 db.execute("RELEASE item")

@@ -346,14 +346,15 @@ class PgLedger:
 
         return self._run(body)
 
-    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | CharterError]:
-        """`settle` for each, in its own transaction; one that cannot be settled is returned as its error."""
-        out: list[Settlement | CharterError] = []
+    def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | Exception]:
+        """`settle` for each, in its own transaction; one that cannot be settled (whatever the
+        reason, a database error included) is returned as its exception and the rest go on."""
+        out: list[Settlement | Exception] = []
         for item in items:
             try:
                 out.append(self.settle(item.reservation_id, usd=item.usd, tokens_in=item.tokens_in,
                                        tokens_out=item.tokens_out, agent_id=item.agent_id, now=now))
-            except CharterError as exc:
+            except Exception as exc:  # noqa: BLE001 - this item's failure, reported as such
                 out.append(exc)
         return out
 

@@ -109,7 +109,7 @@ class Metrics:
                                          ["backend", "model"], registry=self.registry,
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         # Each call's children, kept per (ref, ok): `labels()` takes a lock and builds its key every
-        # time. Bounded by the configured backends and models (refs come from the config).
+        # time. This grows as prometheus_client's own children for those labels do, no faster.
         self._call_children: dict[tuple[str | None, bool], tuple[Any, Any]] = {}
 
     def render(self) -> bytes:
