@@ -93,11 +93,9 @@ class DeferredSettlements:
                 self._fail(item, agent, f"{type(exc).__name__}: {exc}")
             return
         for (item, agent), result in zip(batch, results, strict=True):
-            if isinstance(result, CharterError):
-                self._fail(item, agent, result.message)
-                continue
             if isinstance(result, Exception):
-                self._fail(item, agent, f"{type(result).__name__}: {result}")
+                why = result.message if isinstance(result, CharterError) else f"{type(result).__name__}: {result}"
+                self._fail(item, agent, why)
                 continue
             self.booked += 1
             if result.alerts:
