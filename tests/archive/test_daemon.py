@@ -98,9 +98,11 @@ async def test_a_broken_live_chain_is_refused_and_reported(tmp_path: Path) -> No
             await node.emit("charter.test.entry", {"n": i})
     finally:
         await node.close()
-    db = sqlite3.connect(home.db_path, isolation_level=None)  # behind the daemon's back, before sealing
-    raw = db.execute("SELECT raw FROM log WHERE seq = 3").fetchone()[0]
-    db.execute("UPDATE log SET raw = ? WHERE seq = 3", (bytes(raw).replace(b'"n":1', b'"n":7'),))
+    # Behind the daemon's back, before sealing. Its own start-up events may come first, so the entry
+    # is found by its content, not by an assumed seq.
+    db = sqlite3.connect(home.db_path, isolation_level=None)
+    [(seq, raw)] = [(s, bytes(r)) for s, r in db.execute("SELECT seq, raw FROM log") if b'"n":1' in bytes(r)]
+    db.execute("UPDATE log SET raw = ? WHERE seq = ?", (raw.replace(b'"n":1', b'"n":7'), seq))
     db.close()
     configure(home, enabled=True, seal_interval="300ms", checkpoint_interval="1h")
     node = Node(home)  # the archivist of the next run must refuse to seal it and say where it broke
@@ -108,11 +110,11 @@ async def test_a_broken_live_chain_is_refused_and_reported(tmp_path: Path) -> No
     try:
         await wait_for(lambda: node.archivist.state()["verified"] is False)
         state = node.archivist.state()
-        assert state["archived_seq"] == 0 and state["first_bad_seq"] == 3, state
-        assert "broken at seq 3" in state["last_error"]
+        assert state["archived_seq"] == 0 and state["first_bad_seq"] == seq, state
+        assert f"broken at seq {seq}" in state["last_error"]
         result = await reflect(node)
         [c] = [c for c in result["contradictions"] if c["truth"] == "archive-verifies"]
-        assert "3" in str(c["evidence"])
+        assert str(seq) in str(c["evidence"])
     finally:
         await node.close()
 
