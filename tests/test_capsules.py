@@ -18,6 +18,8 @@ import pytest
 from charter.capsules.build import verify_capsule
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
+from charter.server.daemon import stop
+from tests.conftest import start_daemon
 
 pytestmark = pytest.mark.anyio
 GOLDEN = Path(__file__).parent / "golden"
@@ -87,7 +89,18 @@ async def test_agent_capsule_holds_nothing_outside_its_view(daemon) -> None:
     await bravo.close()
 
 
-async def test_capsule_cli_build_show_list_diff(daemon) -> None:
+async def test_capsule_cli_build_show_list_diff(home) -> None:
+    # The daemon's own rebuild after the enrolment below would land between the two CLI builds when a
+    # CLI is slow to start: this test's builds are the CLI's alone.
+    home.config_path.write_text(home.config_path.read_text() + '\n[capsules]\ndebounce = "1h"\n')
+    daemon = start_daemon(home)
+    try:
+        await _cli_build_show_list_diff(daemon)
+    finally:
+        stop(home)
+
+
+async def _cli_build_show_list_diff(daemon) -> None:
     env = {**os.environ, "CHARTER_HOME": str(daemon.home.root)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
