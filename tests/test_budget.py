@@ -421,6 +421,34 @@ def test_sweep_returns_expired_reservations(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_a_charter_db_from_before_on_expiry_gets_the_column_and_keeps_its_reservations(tmp_path: Path) -> None:
+    """An older charter.db has no `on_expiry`: opening it adds the column, and what it held still
+    gives its money back at expiry (it was reserved under that promise)."""
+    import sqlite3
+
+    path = tmp_path / "c.db"
+    lims = [Limit("global", "usd", "day", 1000)]
+    ledger = Ledger(path)
+    ledger.reserve(agent_id="a", role="w", usd=600, tokens=0, limits=lims, ttl_s=1, now=NOW)
+    ledger.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE reservations DROP COLUMN on_expiry")  # as it was before the column
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.sweep(now=NOW + 1000) == 1
+    assert ledger.usage(lims, now=NOW)[0]["reserved"] == 0 and ledger.history() == []
+    new = ledger.reserve(agent_id="a", role="w", usd=700, tokens=0, limits=lims, ttl_s=1, on_expiry="book",
+                         now=NOW + 1000)
+    assert ledger.sweep(now=NOW + 2000) == 1
+    assert ledger.usage(lims, now=NOW)[0]["committed"] == 700
+    with pytest.raises(CharterError):
+        ledger.release(new.id)
+    ledger.close()
+    again = Ledger(path)  # a later opening finds the column there and changes nothing
+    assert again.history(by="agent")[0]["usd_micros"] == 700 and again.sweep(now=NOW + 3000) == 0
+    again.close()
+
+
 def test_a_batch_settles_each_reservation_on_its_own(tmp_path: Path) -> None:
     """`settle_batch` (the gateway's settlements, booked together): each item is booked as `settle`
     would book it; one that cannot be (unknown, settled already, another agent's, an amount the

@@ -3,7 +3,8 @@
 `committed` must always be the sum of the `spend` rows, so a budget never reads as within while its
 spend is over; a settlement beyond its reservation is an overrun with an alert naming the caps it
 crossed; a limit a reservation held nothing of still gets the real use booked; every expired
-reservation is swept before a limit is checked, however many leaked; a bad limit names its field.
+reservation is swept before a limit is checked, however many leaked, and one made to be booked on
+expiry (the gateway's) is booked in full, never given back; a bad limit names its field.
 The PostgreSQL runs need the server on 127.0.0.1:5432 (skipped without it, failed under CI=true).
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from charter.budget.ledger import BUDGET_EXCEEDED, SWEEP_BATCH, Ledger, Limit
-from charter.errors import BAD_REQUEST, CharterError
+from charter.errors import BAD_REQUEST, CONFLICT, CharterError
 
 NOW = 1_800_000_000_000  # a fixed instant (2027-01-15T08:00Z), passed as `now`
 
@@ -107,6 +108,42 @@ def test_a_limit_that_held_nothing_still_gets_the_real_use(ledger: Any) -> None:
     (crossed,) = s.alerts[0]["crossed"]
     assert (crossed["unit"], crossed["used"], crossed["hard"], crossed["over"]) == ("tokens", 70, 50, 20)
     assert (usage(ledger, tok_lim)["committed"], usage(ledger, usd_lim)["committed"]) == (70, 0)
+
+
+def test_a_reservation_booked_on_expiry_is_spent_in_full_never_given_back(ledger: Any,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway's reservations: a daemon that died mid-call cannot say what the provider billed,
+    so the expiry books the whole reservation; an ordinary one still gives its money back."""
+    usd_lim, tok_lim = Limit("global", "usd", "day", 10_000), Limit("global", "tokens", "day", 1_000)
+    for lim in (usd_lim, tok_lim):
+        ledger.set_limit(lim)
+    kept = ledger.reserve(agent_id="a", role="w", usd=4_000, tokens=300, limits=[usd_lim, tok_lim], model="paid/m",
+                          ttl_s=1, on_expiry="book", now=NOW)
+    ledger.reserve(agent_id="b", role="w", usd=1_000, tokens=100, limits=[usd_lim, tok_lim], ttl_s=1, now=NOW)
+    with caplog.at_level("WARNING", logger="charter.budget"):
+        assert ledger.sweep(now=NOW + 999) == 0
+        assert ledger.sweep(now=NOW + 1_000) == 2
+    assert [r.getMessage() for r in caplog.records if kept.id in r.getMessage()] == [
+        f"reservation {kept.id} (agent a, paid/m) expired unsettled and was booked at its full amount: "
+        "$0.004, 300 tokens"]
+    assert (usage(ledger, usd_lim)["reserved"], usage(ledger, usd_lim)["committed"]) == (0, 4_000)
+    assert (usage(ledger, tok_lim)["reserved"], usage(ledger, tok_lim)["committed"]) == (0, 300)
+    assert spend_total(ledger) == 4_000 and spend_total(ledger, "tokens") == 300
+    assert ledger.history(by="agent") == [{"agent": "a", "calls": 1, "usd_micros": 4_000, "tokens_in": 300,
+                                           "tokens_out": 0, "overruns": 0}]
+    for close in (lambda: ledger.settle(kept.id, usd=1, tokens_in=1, tokens_out=0, now=NOW + 2_000),
+                  lambda: ledger.release(kept.id, now=NOW + 2_000)):
+        with pytest.raises(CharterError) as exc:  # a settlement arriving after all is not booked twice
+            close()
+        assert exc.value.code == CONFLICT and "already settled" in exc.value.message
+    # What is left is the cap minus the booking, to the micro-dollar.
+    ledger.reserve(agent_id="b", role="w", usd=6_000, tokens=0, limits=[usd_lim], now=NOW + 2_000)
+    with pytest.raises(CharterError) as exc:
+        ledger.reserve(agent_id="b", role="w", usd=1, tokens=0, limits=[usd_lim], now=NOW + 2_000)
+    assert exc.value.code == BUDGET_EXCEEDED
+    with pytest.raises(CharterError) as exc:
+        ledger.reserve(agent_id="b", role="w", usd=0, tokens=0, limits=[], on_expiry="keep", now=NOW)
+    assert (exc.value.code, exc.value.where) == (BAD_REQUEST, "on_expiry") and "'keep'" in exc.value.message
 
 
 def test_a_refusal_never_counts_expired_reservations_however_many_leaked(ledger: Any) -> None:

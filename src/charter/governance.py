@@ -254,14 +254,15 @@ class Governance:
 
     def admit_spend(self, agent: AgentRecord, action: str, attrs: dict[str, Any], *, usd: int, tokens: int,
                     model: str, ttl_s: float, approval_id: str | None = None, limits: list[Limit] | None = None,
-                    reserve: bool | None = True) -> Spend:
+                    reserve: bool | None = True, on_expiry: str = "release") -> Spend:
         """Policy, approval, tier cap and budget for one spend, in that order, publishing nothing.
 
         The one path every spend takes (the reserve API and the gateway's model calls), so a tier cap
         or an amount rule cannot be skipped by calling the ledger directly. An `approve` decision goes
         through only with an approval: `approval_id`, or a window covering this agent and action; a
         one-shot approval is spent on this reservation exactly once. With `reserve=False`, or no limit
-        to reserve against when `reserve` is None, nothing is reserved. Raises SpendRefused.
+        to reserve against when `reserve` is None, nothing is reserved. `on_expiry` is the ledger's
+        (`Ledger.reserve`). Raises SpendRefused.
         """
         d = self.evaluate(agent, action, attrs)
         if d.effect == DENY:
@@ -287,7 +288,7 @@ class Governance:
             return Spend(d, None, usd, approval)
         try:
             res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens, limits=limits,
-                                      model=model, action=action, ttl_s=ttl_s)
+                                      model=model, action=action, ttl_s=ttl_s, on_expiry=on_expiry)
         except CharterError as exc:
             if exc.code != BUDGET_EXCEEDED:
                 raise

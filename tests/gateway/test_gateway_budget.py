@@ -1,19 +1,27 @@
 """Budgets on model calls: a paid rung is reserved for, settled and shown in the history; over budget
 the call degrades to a free rung, and a chain of paid rungs only is refused with a 402 naming what is left.
 
-The test home prices the backup (1000 USD per million tokens, i.e. $0.001 a token) and adds two
+A daemon killed in the middle of a paid call leaves its reservation to be booked in full at its
+expiry. The test home prices the backup (1000 USD per million tokens, i.e. $0.001 a token) and adds two
 aliases: `paid_first` = [backup (paid), primary (free)] and `paid_only` = [backup].
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ollama
 import openai
+import psutil
 import pytest
+
+from charter.budget.ledger import Ledger, Limit
 
 from tests.gateway.conftest import Fleet
 from tests.gateway.support import (
@@ -26,6 +34,7 @@ from tests.gateway.support import (
     call_event,
     enroll_key,
     finish,
+    space_tokens,
     start,
 )
 
@@ -125,3 +134,41 @@ async def test_only_paid_rungs_over_budget_is_402(priced: Priced, clients: Clien
     ev = await call_event(priced.fleet.daemon, messages)
     assert ev["backend"] is None and ev["error"] and ev["api"] == api
     assert ev["fallbacks"][0]["reason"].startswith("budget: ")
+
+
+async def test_a_daemon_killed_mid_call_books_the_whole_reservation_at_its_expiry(tmp_path: Path) -> None:
+    """kill -9 while a paid answer streams: the provider may have billed it, so the reservation is
+    not given back at its expiry but booked in full, and the cap counts it."""
+    fleet = start(tmp_path / "home", probe="1h", prices={BACKUP: (1000.0, 1000.0)}, aliases={"paid_only": [BACKUP]})
+    clients = None
+    try:
+        clients = Clients(fleet.daemon.url, enroll_key(fleet.daemon, "alpha"))
+        await fleet.daemon.admin("PUT", "/v1/admin/budget",
+                                 json={"scope": "agent:alpha", "unit": "usd", "period": "day", "limit": 1.0})
+        await space_tokens(fleet.backup, 0.3)  # a long answer: the daemon dies in the middle of it
+        stream = await clients.openai.chat.completions.create(
+            model="paid_only", messages=[{"role": "user", "content": "a long paid answer"}], stream=True, max_tokens=40)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # the first token reached the agent: the call is under way upstream
+        os.kill(fleet.daemon.pid, signal.SIGKILL)
+        psutil.Process(fleet.daemon.pid).wait(10)
+    finally:
+        if clients is not None:
+            await clients.close()
+        finish(fleet)
+
+    db = sqlite3.connect(fleet.home.db_path)
+    [(agent, usd, created_at, expires_at, on_expiry)] = db.execute(
+        "SELECT agent_id, usd, created_at, expires_at, on_expiry FROM reservations WHERE state = 'held'").fetchall()
+    db.close()
+    assert on_expiry == "book" and usd > 40 * 1000  # the prompt's bound and 40 output tokens at $0.001
+    ledger = Ledger(fleet.home.db_path)
+    try:
+        assert ledger.sweep(now=expires_at - 1) == 0  # held until its expiry, as long as a call may run
+        assert ledger.sweep(now=expires_at) == 1
+        [row] = ledger.usage([Limit(f"agent:{agent}", "usd", "day", 1_000_000)], now=created_at)
+        assert (row["reserved"], row["committed"]) == (0, usd)
+        assert [(h["calls"], h["usd_micros"]) for h in ledger.history(by="model")] == [(1, usd)]
+    finally:
+        ledger.close()

@@ -8,6 +8,9 @@ writer the moment the lock is free (SQLite's own busy handler sleeps in steps of
 
 A reservation carries an expiry: one leaked by a crashed client is swept back into the budget by
 the next writer after its TTL (every expired one, however many leaked, before any limit is checked).
+A reservation made with `on_expiry="book"` is booked at its full amount instead: the gateway's, for
+a call the daemon sent upstream and died before settling. The provider may have billed it, and the
+reservation is the most it can have cost, so a crash never returns money that may be spent.
 
 Settling books the real use, always: `committed` is the sum of what the `spend` rows say, so a
 budget never reads as within while its spend is over. Use beyond the reservation (a caller that
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,9 +42,12 @@ from charter.budget.periods import PERIODS, period_key
 from charter.db import connect
 from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
 
+log = logging.getLogger("charter.budget")
+
 BUDGET_EXCEEDED = "budget_exceeded"
 UNITS = ("usd", "tokens")
 SWEEP_BATCH = 500  # expired reservations read at a time; a sweep repeats until none is left
+ON_EXPIRY = ("release", "book")  # what a reservation's expiry does: give its money back, or book all of it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_limits (
@@ -73,7 +81,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     state       TEXT NOT NULL CHECK (state IN ('held', 'settled', 'released', 'expired')),
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL,
-    closed_at   INTEGER
+    closed_at   INTEGER,
+    on_expiry   TEXT NOT NULL DEFAULT 'release'
 );
 CREATE INDEX IF NOT EXISTS reservations_held ON reservations (state, expires_at);
 CREATE TABLE IF NOT EXISTS spend (
@@ -152,15 +161,47 @@ def _charges(text: str) -> list[tuple[str, str, str, str, int, int | None]]:
     return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in json.loads(text)]
 
 
-def _unhold(db: Any, charges: str) -> None:
-    """Give a reservation's held amounts back to every limit it was charged on (release, expiry)."""
+def _unhold(db: Any, charges: str, *, book: bool = False) -> None:
+    """Take a reservation's held amounts off every limit it was charged on: given back (release,
+    expiry), or with `book` moved to committed (a gateway reservation's expiry)."""
     for scope, unit, period, key, amount, _ in _charges(charges):
         if amount:
             db.execute(
-                "UPDATE budget_usage SET reserved = reserved - ? "
+                "UPDATE budget_usage SET reserved = reserved - ?, committed = committed + ? "
                 "WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
-                (amount, scope, unit, period, key),
+                (amount, amount if book else 0, scope, unit, period, key),
             )
+
+
+def _add_on_expiry(db: Any) -> None:
+    """A charter.db from before `on_expiry`: add the column (its reservations all give money back)."""
+    if "on_expiry" in {r[1] for r in db.execute("PRAGMA table_info(reservations)")}:
+        return
+    try:
+        db.execute("ALTER TABLE reservations ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'release'")
+    except sqlite3.OperationalError as exc:  # another process added it between the look and the ALTER
+        if "duplicate column" not in str(exc):
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class Booked:
+    """A reservation its expiry booked in full (`on_expiry = 'book'`)."""
+
+    reservation_id: str
+    agent_id: str
+    model: str
+    usd: int
+    tokens: int
+
+
+def report_booked(booked: Sequence[Booked]) -> None:
+    """Say so, loudly, once committed: a call's real cost is unknown and its whole reservation was booked."""
+    for b in booked:
+        log.warning("reservation %s (agent %s, %s) expired unsettled and was booked at its full amount: %s, %d tokens",
+                    b.reservation_id, b.agent_id, b.model or "-", describe("usd", b.usd), b.tokens,
+                    extra={"fields": {"reservation_id": b.reservation_id, "agent": b.agent_id, "model": b.model,
+                                      "usd_micros": b.usd, "tokens": b.tokens}})
 
 
 def validate_limit(limit: Limit) -> None:
@@ -189,6 +230,11 @@ def _crossed(scope: str, unit: str, period: str, key: str, used: int, hard: int)
             "over": used - hard}
 
 
+def check_on_expiry(on_expiry: str) -> None:
+    if on_expiry not in ON_EXPIRY:
+        raise CharterError(BAD_REQUEST, f"on_expiry is {' or '.join(ON_EXPIRY)}, got {on_expiry!r}", "on_expiry")
+
+
 def describe(unit: str, amount: int) -> str:
     return f"${amount / 1e6:.6f}".rstrip("0").rstrip(".") if unit == "usd" else f"{amount} tokens"
 
@@ -199,6 +245,7 @@ class Ledger:
         self.tz = ZoneInfo(timezone)
         self._db = connect(path, synchronous=synchronous)
         self._db.executescript(SCHEMA)
+        _add_on_expiry(self._db)
         self._lock_path = path.with_name(path.name + ".ledger.lock")
         self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._thread_lock = threading.Lock()
@@ -289,36 +336,53 @@ class Ledger:
 
     # -- reserve, settle, release ----------------------------------------------------------
 
-    def _sweep(self, db: Any, now: int) -> int:
-        """Return every expired reservation's money, in batches, until none is left.
+    def _sweep(self, db: Any, now: int) -> tuple[int, list[Booked]]:
+        """Close every expired reservation, in batches, until none is left: its money goes back, or,
+        with `on_expiry = 'book'`, all of it is booked as spent (see the module doc). Returns how
+        many, and those booked, for the caller to report once the transaction has committed.
 
         All of them, not one batch: a reservation checked after a large leak must not be refused for
         money whose TTL has passed.
         """
-        swept = 0
+        swept, booked = 0, []
         while True:
             rows = db.execute(
-                "SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= ? LIMIT ?",
+                "SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens FROM reservations "
+                "WHERE state = 'held' AND expires_at <= ? LIMIT ?",
                 (now, SWEEP_BATCH),
             ).fetchall()
-            for rid, charges in rows:
-                _unhold(db, charges)
-                db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
+            for rid, charges, on_expiry, agent_id, role, model, usd, tokens in rows:
+                if on_expiry != "book":
+                    _unhold(db, charges)
+                    db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
+                    continue
+                _unhold(db, charges, book=True)
+                db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, rid))
+                db.execute(  # the split between input and output is unknown: all of it counts as input
+                    "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
+                    "VALUES (?,?,?,?,?,?,0,?,?,0)",
+                    (rid, agent_id, role, model, usd, tokens, now, period_key("day", now, self.tz)),
+                )
+                booked.append(Booked(rid, agent_id, model, usd, tokens))
             swept += len(rows)
             if len(rows) < SWEEP_BATCH:
-                return swept
+                return swept, booked
 
     def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
-                model: str = "", action: str = "model.call", ttl_s: float = 600.0,
+                model: str = "", action: str = "model.call", ttl_s: float = 600.0, on_expiry: str = "release",
                 now: int | None = None) -> Reservation:
-        """Take `usd` micro-dollars and `tokens` from every applicable limit, or none of them."""
+        """Take `usd` micro-dollars and `tokens` from every applicable limit, or none of them.
+
+        `on_expiry`: what happens to a reservation still held at its TTL: "release" gives its money
+        back, "book" books all of it (a caller that cannot tell, after a crash, what was spent)."""
         if usd < 0 or tokens < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        check_on_expiry(on_expiry)
         now = _now() if now is None else now
         rid = f"res_{ULID()}"
         alerts: list[dict[str, Any]] = []
         with self._txn() as db:
-            self._sweep(db, now)
+            _, booked = self._sweep(db, now)
             charges = []
             for lim in limits:
                 amount = usd if lim.unit == "usd" else tokens
@@ -359,9 +423,11 @@ class Ledger:
                                    "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
             expires = now + int(ttl_s * 1000)
             db.execute(
-                "INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,'held',?,?,NULL)",
-                (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires),
+                "INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
+                "created_at, expires_at, on_expiry) VALUES (?,?,?,?,?,?,?,?,'held',?,?,?)",
+                (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires, on_expiry),
             )
+        report_booked(booked)
         return Reservation(rid, usd, tokens, expires, tuple(alerts))
 
     def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
@@ -459,7 +525,9 @@ class Ledger:
 
     def sweep(self, now: int | None = None) -> int:
         with self._txn() as db:
-            return self._sweep(db, _now() if now is None else now)
+            swept, booked = self._sweep(db, _now() if now is None else now)
+        report_booked(booked)
+        return swept
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -33,14 +33,17 @@ from ulid import ULID
 from charter.budget.ledger import (
     BUDGET_EXCEEDED,
     SWEEP_BATCH,
+    Booked,
     Limit,
     Reservation,
     SettleItem,
     Settlement,
     _charges,
     _crossed,
+    check_on_expiry,
     describe,
     overrun_alert,
+    report_booked,
     validate_limit,
 )
 from charter.budget.periods import period_key
@@ -84,6 +87,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     n           BIGSERIAL
 );
 CREATE INDEX IF NOT EXISTS reservations_held ON reservations (state, expires_at);
+ALTER TABLE reservations ADD COLUMN IF NOT EXISTS on_expiry TEXT NOT NULL DEFAULT 'release';
 CREATE TABLE IF NOT EXISTS spend (
     id             BIGSERIAL PRIMARY KEY,
     reservation_id TEXT NOT NULL,
@@ -216,23 +220,34 @@ class PgLedger:
                                  key).fetchone()
         return out
 
-    def _sweep(self, c: Any, now: int) -> int:
-        """One batch of expired reservations back into the budget; how many."""
+    def _sweep(self, c: Any, now: int) -> tuple[int, list[Booked]]:
+        """One batch of expired reservations closed: how many, and those booked. Each gives its money
+        back, or, with `on_expiry = 'book'`, is booked at its full amount (see charter.budget.ledger)."""
         # FOR UPDATE, not SKIP LOCKED: a reservation that another transaction is sweeping (or settling)
         # right now is waited for, so no reserve goes on to count money that is on its way back.
-        rows = c.execute("SELECT id, charges FROM reservations WHERE state = 'held' AND expires_at <= %s "
-                         "ORDER BY id LIMIT %s FOR UPDATE", (now, SWEEP_BATCH)).fetchall()
+        rows = c.execute("SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens FROM reservations "
+                         "WHERE state = 'held' AND expires_at <= %s ORDER BY id LIMIT %s FOR UPDATE",
+                         (now, SWEEP_BATCH)).fetchall()
         if not rows:
-            return 0
-        charges = [(rid, _charges(text)) for rid, text in rows]
+            return 0, []
+        booked = []
+        charges = [(row, _charges(row[1])) for row in rows]
         self._lock_rows(c, [(s, u, p, k) for _, ch in charges for s, u, p, k, a, _ in ch if a])
-        for rid, ch in charges:
+        for (rid, _, on_expiry, agent_id, role, model, usd, tokens), ch in charges:
+            book = on_expiry == "book"
             for scope, unit, period, key, amount, _ in ch:
                 if amount:
-                    c.execute(f"UPDATE budget_usage SET reserved = reserved - %s WHERE {_KEY}",
-                              (amount, scope, unit, period, key))
-            c.execute("UPDATE reservations SET state = 'expired', closed_at = %s WHERE id = %s", (now, rid))
-        return len(rows)
+                    c.execute(f"UPDATE budget_usage SET reserved = reserved - %s, committed = committed + %s "
+                              f"WHERE {_KEY}", (amount, amount if book else 0, scope, unit, period, key))
+            if not book:
+                c.execute("UPDATE reservations SET state = 'expired', closed_at = %s WHERE id = %s", (now, rid))
+                continue
+            c.execute("UPDATE reservations SET state = 'settled', closed_at = %s WHERE id = %s", (now, rid))
+            c.execute("INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, "
+                      "overrun) VALUES (%s,%s,%s,%s,%s,%s,0,%s,%s,0)",
+                      (rid, agent_id, role, model, usd, tokens, now, period_key("day", now, self.tz)))
+            booked.append(Booked(rid, agent_id, model, usd, tokens))
+        return len(rows), booked
 
     def sweep(self, now: int | None = None) -> int:
         """Every expired reservation back, batch by batch until none is left (each batch commits on its
@@ -240,7 +255,8 @@ class PgLedger:
         now = _now() if now is None else now
         total = 0
         while True:
-            n = self._run(lambda c: self._sweep(c, now))
+            n, booked = self._run(lambda c: self._sweep(c, now))
+            report_booked(booked)  # committed: a retried transaction reports once
             total += n
             if n < SWEEP_BATCH:
                 return total
@@ -248,10 +264,11 @@ class PgLedger:
     # -- reserve, settle, release ----------------------------------------------------------
 
     def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
-                model: str = "", action: str = "model.call", ttl_s: float = 600.0,
+                model: str = "", action: str = "model.call", ttl_s: float = 600.0, on_expiry: str = "release",
                 now: int | None = None) -> Reservation:
         if usd < 0 or tokens < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        check_on_expiry(on_expiry)
         now = _now() if now is None else now
         self.sweep(now)  # expired reservations go back first (their own transaction, their own locks)
         rid = f"res_{ULID()}"
@@ -290,8 +307,8 @@ class PgLedger:
                                    "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
             expires = now + int(ttl_s * 1000)
             c.execute("INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
-                      "created_at, expires_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'held',%s,%s)",
-                      (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires))
+                      "created_at, expires_at, on_expiry) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'held',%s,%s,%s)",
+                      (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires, on_expiry))
             return Reservation(rid, usd, tokens, expires, tuple(alerts))
 
         return self._run(body)

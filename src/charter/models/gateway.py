@@ -110,9 +110,11 @@ class CallGovernor:
         attrs = {"provider": kind, "backend": backend, "model": model, "alias": self.alias,
                  "paid": price != FREE, "amount_usd": usd / MICRO, "tokens": est_in + max_out}
         try:
+            # Held until settled; if this daemon dies first, the call may have been billed, so its
+            # expiry books the whole reservation rather than giving it back.
             spend = gov.admit_spend(self.agent, "model.call", attrs, usd=usd, tokens=est_in + max_out, model=ref,
                                     ttl_s=self.gw.node.config.models.timeouts.total + 60,
-                                    reserve=False if degraded else None)
+                                    reserve=False if degraded else None, on_expiry="book")
         except SpendRefused as err:
             d = err.decision
             if err.code == BUDGET_EXCEEDED:

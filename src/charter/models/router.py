@@ -252,6 +252,9 @@ class Router:
                 await governor.release(admission)
                 attempts.append(Attempt(ref, "failed", str(err), (time.perf_counter() - started) * 1000))
                 continue
+            except BaseException:  # cancelled: as for a chat with nothing delivered, the money goes back
+                await governor.release(admission)  # (left held, its expiry would book all of it)
+                raise
             await self._record_success(name)
             await governor.settle(admission, Final("stop", tokens, 0), "")
             attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
