@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from charter.budget.ledger import BUDGET_EXCEEDED, SWEEP_BATCH, Ledger, Limit
+from charter.budget.periods import period_key
 from charter.errors import BAD_REQUEST, CONFLICT, CharterError
 
 NOW = 1_800_000_000_000  # a fixed instant (2027-01-15T08:00Z), passed as `now`
@@ -122,7 +123,7 @@ def test_a_reservation_booked_on_expiry_is_spent_in_full_never_given_back(ledger
     ledger.reserve(agent_id="b", role="w", usd=1_000, tokens=100, limits=[usd_lim, tok_lim], ttl_s=1, now=NOW)
     with caplog.at_level("WARNING", logger="charter.budget"):
         assert ledger.sweep(now=NOW + 999) == 0
-        assert ledger.sweep(now=NOW + 1_000) == 2
+        assert ledger.sweep(now=NOW + 2 * 86_400_000) == 2  # swept days later (the daemon was down)
     assert [r.getMessage() for r in caplog.records if kept.id in r.getMessage()] == [
         f"reservation {kept.id} (agent a, paid/m) expired unsettled and was booked at its full amount: "
         "$0.004, 300 tokens"]
@@ -131,6 +132,8 @@ def test_a_reservation_booked_on_expiry_is_spent_in_full_never_given_back(ledger
     assert spend_total(ledger) == 4_000 and spend_total(ledger, "tokens") == 300
     assert ledger.history(by="agent") == [{"agent": "a", "calls": 1, "usd_micros": 4_000, "tokens_in": 300,
                                            "tokens_out": 0, "overruns": 0}]
+    # Spent on the day the call was made, where its charges are, not on the day of the sweep.
+    assert [h["day"] for h in ledger.history(by="day")] == [period_key("day", NOW, ledger.tz)]
     for close in (lambda: ledger.settle(kept.id, usd=1, tokens_in=1, tokens_out=0, now=NOW + 2_000),
                   lambda: ledger.release(kept.id, now=NOW + 2_000)):
         with pytest.raises(CharterError) as exc:  # a settlement arriving after all is not booked twice

@@ -157,3 +157,28 @@ def test_a_reservation_is_all_or_nothing_across_limits(on_postgres: str, tmp_pat
 
 def test_the_ledger_rolls_over_at_local_midnight(on_postgres: str, tmp_path: Path) -> None:
     tb.test_the_ledger_rolls_over_at_local_midnight(tmp_path)
+
+
+def test_tables_from_before_on_expiry_get_the_column_and_keep_their_reservations(dsn: str) -> None:
+    """As on SQLite: the column is added on opening, once; what was held still gives its money back."""
+    import psycopg
+
+    from charter.budget.pg import PgLedger
+
+    lims = [Limit("global", "usd", "day", 1000)]
+    ledger = PgLedger(dsn)
+    ledger.reserve(agent_id="a", role="w", usd=600, tokens=0, limits=lims, ttl_s=1, now=tb.NOW)
+    ledger.close()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE reservations DROP COLUMN on_expiry")  # as it was before the column
+    ledger = PgLedger(dsn)
+    try:
+        assert ledger.sweep(now=tb.NOW + 1000) == 1
+        assert ledger.usage(lims, now=tb.NOW)[0]["reserved"] == 0 and ledger.history() == []
+        ledger.reserve(agent_id="a", role="w", usd=700, tokens=0, limits=lims, ttl_s=1, on_expiry="book",
+                       now=tb.NOW + 1000)
+        PgLedger(dsn).close()  # a later opening finds the column and changes nothing
+        assert ledger.sweep(now=tb.NOW + 2000) == 1
+        assert ledger.usage(lims, now=tb.NOW)[0]["committed"] == 700
+    finally:
+        ledger.close()

@@ -27,9 +27,18 @@ STORE_TABLES = {
     "api_keys": "key_hash, agent_id, created_at, revoked",
     "budget_limits": "scope, unit, period, hard, soft_ratio, updated_at",
     "budget_usage": "scope, unit, period, period_key, reserved, committed, alerted",
-    "reservations": "id, agent_id, role, model, action, usd, tokens, charges, state, created_at, expires_at, closed_at",
+    "reservations": "id, agent_id, role, model, action, usd, tokens, charges, state, created_at, expires_at, "
+                    "closed_at, on_expiry",
     "spend": "reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun",
 }
+
+
+def _present(src: Any, table: str, cols: str) -> str:
+    """The select list for a charter.db that no daemon of this version has opened yet (read-only
+    here): a column it lacks is read as its default."""
+    have = {r[1] for r in src.execute(f"PRAGMA table_info({table})")}
+    defaults = {"on_expiry": "'release'"}
+    return ", ".join(c if c in have else defaults[c] for c in (c.strip() for c in cols.split(",")))
 
 
 async def migrate_log(home: Home, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -114,7 +123,7 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
                     raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; it was migrated "
                                        "already or belongs to another installation", "store.postgres_dsn")
                 order = "id" if table == "spend" else "rowid"
-                rows = src.execute(f"SELECT {cols} FROM {table} ORDER BY {order}").fetchall()
+                rows = src.execute(f"SELECT {_present(src, table, cols)} FROM {table} ORDER BY {order}").fetchall()
                 if rows:
                     with pg.cursor() as cur:
                         marks = ",".join(["%s"] * len(cols.split(",")))

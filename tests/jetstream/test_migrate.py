@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from charter.budget.ledger import Ledger
 from charter.bus.log.nats import NatsLog
 from charter.bus.log.sqlite import verify_file
 from charter.sdk import Agent
@@ -51,6 +52,9 @@ async def test_migrate_sqlite_to_nats_and_postgres(tmp_path: Path, shared_nats: 
         await aclose(alpha)
     finally:
         stop(home)
+    ledger = Ledger(home.db_path)  # a gateway call in flight when the daemon died: still to be booked in full
+    booked = ledger.reserve(agent_id="agt_x", role="worker", usd=7, tokens=3, limits=[], on_expiry="book")
+    ledger.close()
     before = verify_file(home.db_path)
     assert before.ok
 
@@ -64,7 +68,10 @@ async def test_migrate_sqlite_to_nats_and_postgres(tmp_path: Path, shared_nats: 
         assert doc["ok"] and doc["log"]["copied"] == before.checked and doc["log"]["already_there"] == 0
         assert (doc["log"]["head_seq"], doc["log"]["head_hash"]) == (before.head_seq, before.head_hash)
         assert doc["log"]["consumers"] == 1 and doc["log"]["breaks"] == []
-        assert doc["store"]["tables"]["reservations"] == 2 and doc["store"]["spend"] == [50_000, 1]
+        assert doc["store"]["tables"]["reservations"] == 3 and doc["store"]["spend"] == [50_000, 1]
+        with psycopg.connect(f"{PG} options=-csearch_path={schema}") as c:
+            kinds = dict(c.execute("SELECT id, on_expiry FROM reservations").fetchall())
+        assert kinds[booked.id] == "book" and sorted(kinds.values()) == ["book", "release", "release"]
         assert doc["store"]["tables"]["agents"] == 1 and doc["store"]["agents"] == [1, 1]
         assert doc["store"]["tables"]["invites"] == 1 and doc["store"]["tables"]["api_keys"] == 1
 

@@ -16,10 +16,11 @@ request's handler runs, so a budget read after an answer sees it booked (under l
 later slice's reservations still held: more spent than there was, never less).
 
 What it costs: a daemon killed between an answer and that turn leaves the reservation held, as
-one killed while the backend was still answering does; the sweeper returns it at its expiry. The
-window this adds is one turn of the loop. A settlement that fails (a reservation unknown or closed
-already, a database error) is logged with its reservation and agent, never raised into an answer
-sent already. Overrun alerts are published once booked. `drain` books whatever is queued
+one killed while the backend was still answering does; its expiry books it in full (the gateway
+reserves with `on_expiry = "book"`), more than was spent, never less. The window this adds is one
+turn of the loop. A settlement that fails (a reservation unknown or closed already, a database
+error) is logged with its reservation and agent, never raised into an answer sent already; its
+reservation, still held, is booked in full at its expiry too. Overrun alerts are published once booked. `drain` books whatever is queued
 (shutdown).
 """
 

@@ -347,21 +347,23 @@ class Ledger:
         swept, booked = 0, []
         while True:
             rows = db.execute(
-                "SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens FROM reservations "
+                "SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens, created_at FROM reservations "
                 "WHERE state = 'held' AND expires_at <= ? LIMIT ?",
                 (now, SWEEP_BATCH),
             ).fetchall()
-            for rid, charges, on_expiry, agent_id, role, model, usd, tokens in rows:
+            for rid, charges, on_expiry, agent_id, role, model, usd, tokens, created_at in rows:
                 if on_expiry != "book":
                     _unhold(db, charges)
                     db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
                     continue
                 _unhold(db, charges, book=True)
                 db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, rid))
-                db.execute(  # the split between input and output is unknown: all of it counts as input
+                # Spent when the call was made, the period its charges are in; the split between input
+                # and output is unknown, so all of it counts as input.
+                db.execute(
                     "INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun) "
                     "VALUES (?,?,?,?,?,?,0,?,?,0)",
-                    (rid, agent_id, role, model, usd, tokens, now, period_key("day", now, self.tz)),
+                    (rid, agent_id, role, model, usd, tokens, created_at, period_key("day", created_at, self.tz)),
                 )
                 booked.append(Booked(rid, agent_id, model, usd, tokens))
             swept += len(rows)

@@ -84,10 +84,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     created_at  BIGINT NOT NULL,
     expires_at  BIGINT NOT NULL,
     closed_at   BIGINT,
-    n           BIGSERIAL
+    n           BIGSERIAL,
+    on_expiry   TEXT NOT NULL DEFAULT 'release'
 );
 CREATE INDEX IF NOT EXISTS reservations_held ON reservations (state, expires_at);
-ALTER TABLE reservations ADD COLUMN IF NOT EXISTS on_expiry TEXT NOT NULL DEFAULT 'release';
 CREATE TABLE IF NOT EXISTS spend (
     id             BIGSERIAL PRIMARY KEY,
     reservation_id TEXT NOT NULL,
@@ -104,6 +104,16 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts);
 """
 _KEY = "scope = %s AND unit = %s AND period = %s AND period_key = %s"
+
+
+def _add_on_expiry(conn: Any) -> None:
+    """Tables from before `on_expiry`: add the column. Looked up first: an ALTER takes an exclusive
+    lock on the table even when the column exists, and would wait for (or deadlock with) another
+    daemon's settlement at every start."""
+    found = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                         "AND table_name = 'reservations' AND column_name = 'on_expiry'").fetchone()
+    if found is None:
+        conn.execute("ALTER TABLE reservations ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'release'")
 
 
 def _now() -> int:
@@ -127,6 +137,7 @@ class PgLedger:
             with self._conn() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(7477001)")  # two daemons creating the schema at once
                 conn.execute(SCHEMA)
+                _add_on_expiry(conn)
 
     def close(self) -> None:
         for conn in self._all:
@@ -225,15 +236,15 @@ class PgLedger:
         back, or, with `on_expiry = 'book'`, is booked at its full amount (see charter.budget.ledger)."""
         # FOR UPDATE, not SKIP LOCKED: a reservation that another transaction is sweeping (or settling)
         # right now is waited for, so no reserve goes on to count money that is on its way back.
-        rows = c.execute("SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens FROM reservations "
-                         "WHERE state = 'held' AND expires_at <= %s ORDER BY id LIMIT %s FOR UPDATE",
+        rows = c.execute("SELECT id, charges, on_expiry, agent_id, role, model, usd, tokens, created_at "
+                         "FROM reservations WHERE state = 'held' AND expires_at <= %s ORDER BY id LIMIT %s FOR UPDATE",
                          (now, SWEEP_BATCH)).fetchall()
         if not rows:
             return 0, []
         booked = []
         charges = [(row, _charges(row[1])) for row in rows]
         self._lock_rows(c, [(s, u, p, k) for _, ch in charges for s, u, p, k, a, _ in ch if a])
-        for (rid, _, on_expiry, agent_id, role, model, usd, tokens), ch in charges:
+        for (rid, _, on_expiry, agent_id, role, model, usd, tokens, created_at), ch in charges:
             book = on_expiry == "book"
             for scope, unit, period, key, amount, _ in ch:
                 if amount:
@@ -245,7 +256,7 @@ class PgLedger:
             c.execute("UPDATE reservations SET state = 'settled', closed_at = %s WHERE id = %s", (now, rid))
             c.execute("INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, "
                       "overrun) VALUES (%s,%s,%s,%s,%s,%s,0,%s,%s,0)",
-                      (rid, agent_id, role, model, usd, tokens, now, period_key("day", now, self.tz)))
+                      (rid, agent_id, role, model, usd, tokens, created_at, period_key("day", created_at, self.tz)))
             booked.append(Booked(rid, agent_id, model, usd, tokens))
         return len(rows), booked
 

@@ -128,17 +128,23 @@ class CallGovernor:
             self.refusals.append({"ref": ref, "policy": d.to_dict()})
             raise Skip(f"policy: {why}") from None
         d = spend.decision
-        entry = {"ref": ref, "effect": d.effect, "rule": d.rule, "tier": d.tier}
-        if spend.approval is not None:  # let through by an approval: rare, and published on its own as
-            entry["approval_id"] = spend.approval.id  # every approved run is (the T3 audit reads those)
-            await gov.publish_decision(self.agent, "model.call", d, approval_id=spend.approval.id, ref=ref)
-        self.decisions.append(entry)
         res = spend.reservation
+        entry = {"ref": ref, "effect": d.effect, "rule": d.rule, "tier": d.tier}
+        try:
+            if spend.approval is not None:  # let through by an approval: rare, and published on its own as
+                entry["approval_id"] = spend.approval.id  # every approved run is (the T3 audit reads those)
+                await gov.publish_decision(self.agent, "model.call", d, approval_id=spend.approval.id, ref=ref)
+            if res is not None:
+                await gov.publish_alerts(self.agent, res.alerts)
+        except BaseException:  # nothing was sent upstream: the money goes back, not to its expiry's booking
+            if res is not None:
+                gov.ledger.release(res.id, agent_id=self.agent.id)
+            raise
+        self.decisions.append(entry)
         if res is None:  # no budget applies: the request keeps its own limit, or none
             return Admission(ref, price if not degraded else FREE, None, 0, est_in, max_out)
         if req.max_tokens is None:  # the reservation is sized on this: the backend must not outgrow it
             req.max_tokens = max_out
-        await gov.publish_alerts(self.agent, res.alerts)
         return Admission(ref, price, res.id, usd, est_in, max_out)
 
     async def settle(self, adm: Admission, final: Final | None, text: str) -> None:

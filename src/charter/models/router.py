@@ -191,12 +191,12 @@ class Router:
                     else:
                         raise BackendError("truncated", "the backend's stream ended without a final message")
             except BackendError as err:
-                if err.kind != "unconfigured":
-                    await self._record_failure(name, err)
-                if got:
+                if got:  # first: the health event below may fail, the reservation must not stay held
                     await governor.settle(admission, None, got)
                 else:
                     await governor.release(admission)
+                if err.kind != "unconfigured":
+                    await self._record_failure(name, err)
                 attempts.append(Attempt(ref, "skipped" if err.kind == "unconfigured" else "failed", str(err),
                                         (time.perf_counter() - started) * 1000))
                 if got or delivered:
@@ -215,8 +215,8 @@ class Router:
             # The answer is complete (and its stream closed): outside the try, so nothing after this
             # point can count as the backend's failure or settle the reservation a second time.
             assert final is not None  # the loop above either found it or raised
+            await governor.settle(admission, final, got)  # before the health event, which may fail
             await self._record_success(name)
-            await governor.settle(admission, final, got)
             attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
             full = delivered + got
             if not continued:
@@ -248,15 +248,15 @@ class Router:
             try:
                 vectors, tokens = await backend.embed(model, inputs, timeout=self.config.timeouts.total)
             except BackendError as err:
-                await self._record_failure(name, err)
                 await governor.release(admission)
+                await self._record_failure(name, err)
                 attempts.append(Attempt(ref, "failed", str(err), (time.perf_counter() - started) * 1000))
                 continue
             except BaseException:  # cancelled: as for a chat with nothing delivered, the money goes back
                 await governor.release(admission)  # (left held, its expiry would book all of it)
                 raise
-            await self._record_success(name)
             await governor.settle(admission, Final("stop", tokens, 0), "")
+            await self._record_success(name)
             attempts.append(Attempt(ref, "ok", "", (time.perf_counter() - started) * 1000))
             return ref, vectors, tokens, attempts
         raise AllFailed(attempts)
