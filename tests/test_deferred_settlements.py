@@ -1,6 +1,7 @@
 """Model calls' settlements, booked a turn of the loop after their answers (`DeferredSettlements`):
 together in one transaction, each on its own, never lost on a clean shutdown, and a settlement
-that cannot be booked is told to the operator rather than raised into an answer sent already."""
+that cannot be booked is told to the operator rather than raised into an answer sent already. A
+reservation whose alert cannot be published is given back before any call goes upstream."""
 
 from __future__ import annotations
 
@@ -190,3 +191,36 @@ async def test_what_closing_the_gateway_settles_is_booked_and_alerted_before_the
     finally:
         await log.close()
     assert [(a["kind"], a["usd"], a["name"]) for a in alerts] == [("overrun", 4000, "alice")]
+
+
+async def test_a_reservation_whose_alert_cannot_be_published_is_given_back(tmp_path: Path) -> None:
+    """The gateway reserves, then publishes the budget's soft alert. If that write fails (a full
+    disk), nothing went upstream: the money goes back at once, not at the expiry, which would book
+    all of it (a gateway reservation is booked in full at its expiry)."""
+    from charter.models.types import ChatRequest
+    from tests.test_reflect import enrol
+
+    home = make_home(tmp_path / "home")
+    node = Node(home)
+    await node.start()
+    try:
+        agent = await enrol(node, "alice", "worker")
+        governor = node.gateway.governor(agent, "default")
+        ref, kind, model = "openai/gpt-4o-mini", "openai", "gpt-4o-mini"
+        node.gov.ledger.set_limit(Limit(f"agent:{agent.id}", "usd", "day", 1_000_000))
+        first = await governor.admit(ref, kind, model, ChatRequest([{"role": "user", "content": "hi"}], 50))
+        await governor.release(first)  # only to learn what one call reserves
+        cap = Limit(f"agent:{agent.id}", "usd", "day", first.reserved_usd)  # one call fills it: a soft alert
+        node.gov.ledger.set_limit(cap)
+
+        async def disk_full(*_: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        node.gov.publish_alerts = disk_full  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await governor.admit(ref, kind, model, ChatRequest([{"role": "user", "content": "hi"}], 50))
+        assert node.gov.ledger.usage([cap])[0]["reserved"] == 0
+        states = node.gov.ledger._db.execute("SELECT state FROM reservations ORDER BY id").fetchall()
+        assert [s for (s,) in states] == ["released", "released"]
+    finally:
+        await node.close()
