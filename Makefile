@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(BIN)/python -m charter.demo
 
 # Half of the suite's time is spent waiting (daemons starting, timers, backoffs), not computing:
-# three workers on two cores take it from ~15 to ~7.5 minutes. Each test file runs whole on one
+# three workers on two cores take it from ~15 to ~8 minutes. Each test file runs whole on one
 # worker, so a module's shared daemon starts once. `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 3
 

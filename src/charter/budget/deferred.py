@@ -20,8 +20,8 @@ one killed while the backend was still answering does; its expiry books it in fu
 reserves with `on_expiry = "book"`), more than was spent, never less. The window this adds is one
 turn of the loop. A settlement that fails (a reservation unknown or closed already, a database
 error) is logged with its reservation and agent, never raised into an answer sent already; its
-reservation, still held, is booked in full at its expiry too. Overrun alerts are published once booked. `drain` books whatever is queued
-(shutdown).
+reservation, still held, is booked in full at its expiry too. Overrun alerts are published once
+booked. `drain` books whatever is queued (shutdown).
 """
 
 from __future__ import annotations

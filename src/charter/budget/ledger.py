@@ -352,12 +352,12 @@ class Ledger:
                 (now, SWEEP_BATCH),
             ).fetchall()
             for rid, charges, on_expiry, agent_id, role, model, usd, tokens, created_at in rows:
-                if on_expiry != "book":
-                    _unhold(db, charges)
-                    db.execute("UPDATE reservations SET state = 'expired', closed_at = ? WHERE id = ?", (now, rid))
+                book = on_expiry == "book"
+                _unhold(db, charges, book=book)
+                db.execute("UPDATE reservations SET state = ?, closed_at = ? WHERE id = ?",
+                           ("settled" if book else "expired", now, rid))
+                if not book:
                     continue
-                _unhold(db, charges, book=True)
-                db.execute("UPDATE reservations SET state = 'settled', closed_at = ? WHERE id = ?", (now, rid))
                 # Spent when the call was made, the period its charges are in; the split between input
                 # and output is unknown, so all of it counts as input.
                 db.execute(

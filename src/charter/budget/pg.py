@@ -250,10 +250,10 @@ class PgLedger:
                 if amount:
                     c.execute(f"UPDATE budget_usage SET reserved = reserved - %s, committed = committed + %s "
                               f"WHERE {_KEY}", (amount, amount if book else 0, scope, unit, period, key))
+            c.execute("UPDATE reservations SET state = %s, closed_at = %s WHERE id = %s",
+                      ("settled" if book else "expired", now, rid))
             if not book:
-                c.execute("UPDATE reservations SET state = 'expired', closed_at = %s WHERE id = %s", (now, rid))
                 continue
-            c.execute("UPDATE reservations SET state = 'settled', closed_at = %s WHERE id = %s", (now, rid))
             c.execute("INSERT INTO spend (reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, "
                       "overrun) VALUES (%s,%s,%s,%s,%s,%s,0,%s,%s,0)",
                       (rid, agent_id, role, model, usd, tokens, created_at, period_key("day", created_at, self.tz)))
