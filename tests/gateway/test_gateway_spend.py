@@ -46,6 +46,8 @@ from tests.gateway.support import (
     enroll_key,
     finish,
     fleet_home,
+    standin,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -273,3 +275,39 @@ async def test_an_agent_that_hangs_up_mid_answer_pays_for_what_it_got_and_the_ca
     use = await spend.usage(name, "tokens")
     assert use["reserved"] == 0  # the reservation did not stay held until its TTL
     assert use["committed"] == event["tokens_in"] + event["tokens_out"]
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_a_hang_up_while_the_backend_is_between_tokens_ends_the_call_at_once(
+        spend: Spend, agent_clients: tuple[str, Clients], api: str) -> None:
+    """The backend makes a token every 0.4 s (256 of them would take 100 s, past the 20 s total
+    timeout): the agent takes the first chunk and hangs up. The call ends then, not at a later
+    token or the timeout: the backend sees its request cancelled, the reservation is settled for
+    what went out, and the event says the client went away."""
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 5000)
+    before = (await standin(spend.fleet.primary, "state"))["cancelled"]
+    messages = [{"role": "user", "content": f"{LONG} hang up between tokens, {api}"}]
+    path, body = (("/v1/chat/completions", {"model": "strict", "messages": messages, "stream": True})
+                  if api == OPENAI else ("/api/chat", {"model": "strict", "messages": messages}))
+    await standin(spend.fleet.primary, "config", {"token_delay": 0.4})
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(spend.url + path, json=body, headers={"Authorization": f"Bearer {clients.key}"}) as r:
+                assert r.status == 200
+                first = await r.content.readline()
+                assert first.strip()
+                r.connection.transport.abort()  # type: ignore[union-attr]
+        event = await call_event(spend.fleet.daemon, messages, timeout=3.0)
+        assert event["error"] == "the client went away before the answer ended" and event["stream"] is True
+        assert event["latency_ms"] < 3000
+        assert await wait_for(lambda: _cancelled_since(spend, before), 3.0, "the backend's generation to stop")
+        use = await spend.usage(name, "tokens")
+        assert use["reserved"] == 0
+        assert use["committed"] == event["tokens_in"] + event["tokens_out"]
+    finally:
+        await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
+
+
+async def _cancelled_since(spend: Spend, before: int) -> bool | None:
+    return (await standin(spend.fleet.primary, "state"))["cancelled"] > before or None

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from ulid import ULID
 
@@ -26,6 +26,7 @@ from charter.models.gateway import CallGovernor, Gateway
 from charter.models.router import AllFailed, CallResult, MidstreamError, UnknownModel
 from charter.models.types import ChatRequest, Final
 from charter.node import Node
+from charter.server.streaming import WatchedStream
 
 OPENAI, OLLAMA = "openai", "ollama"
 
@@ -223,8 +224,8 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
                                  attempts=failed.attempts if failed else None)
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
-        return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-store"},
-                                 background=BackgroundTask(after))
+        return WatchedStream(body(), media_type=media, headers={"Cache-Control": "no-store"},
+                             background=BackgroundTask(after))
 
     @app.post("/v1/chat/completions", tags=["models"], summary="OpenAI chat completions (streaming or not)")
     async def openai_chat(request: Request) -> Response:

@@ -1,0 +1,50 @@
+"""A streamed answer that stops when its client goes away, without a task group per response.
+
+Starlette's `StreamingResponse`, under an ASGI server older than spec 2.4 (uvicorn's httptools
+protocol says 2.3), runs every response in an anyio task group: the body in a new task, a
+listener for `http.disconnect` in the caller's, and a cancel scope to end whichever outlives the
+other. On a model call of a few milliseconds that machinery was a large part of what a stream
+cost beyond a plain relay.
+
+`WatchedStream` keeps the same contract with plain asyncio: the body is sent from the caller's
+task, and one small task waits on `receive()`; a disconnect cancels the sender (so a backend
+call blocked between tokens ends at once, as it did, and settles what was delivered). The
+cancellation is then taken back (`Task.uncancel`) and the response ends quietly, as Starlette's
+does; any other cancellation (the server shutting down) goes on up. The background task runs
+after the body either way, so a call's event records a client that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+
+class WatchedStream(StreamingResponse):
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        sender = asyncio.current_task()
+        assert sender is not None
+        state = {"sending": True, "gone": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            state["gone"] = True
+            if state["sending"]:
+                sender.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            # Ours, sent because the client left: taken back, and the answer just ends. Another
+            # cancellation besides (the server shutting down) still goes on up.
+            if not state["gone"] or sender.uncancel() > 0:
+                raise
+        finally:
+            state["sending"] = False
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
