@@ -6,6 +6,7 @@ Nothing here is mocked: the daemon is `python -m charter up`, reached over real 
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -21,10 +22,37 @@ from charter.sdk import Agent
 from charter.server.daemon import spawn, stop
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+PORT_SPAN = 12_000  # how many ports below the ephemeral range free_port draws from
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that is free now and that nothing else is likely to take before it is used.
+
+    Binding port 0 would hand out one from the kernel's ephemeral range, and so might the next
+    outgoing connection of any process (another test worker's clients, say) in the seconds before
+    the daemon or server written against it binds it. A random port just below that range is
+    never handed out by the kernel, and other workers' random picks rarely meet.
+    """
+    low = _ephemeral_low()
+    first = max(1024, low - PORT_SPAN)
+    for _ in range(200) if low - first >= 1000 else ():
+        port = random.randrange(first, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: draw again
+            return port
+    with socket.socket() as s:  # an unusual port range: let the kernel choose
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def make_home(root: Path, **bus: Any) -> Home:

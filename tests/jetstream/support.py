@@ -12,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_nats_server_binary() -> None:

@@ -19,7 +19,7 @@ from mcp import Client
 
 from charter.supervisor.run import bwrap_path, bwrap_problem
 
-from tests.conftest import Daemon, aclose
+from tests.conftest import Daemon, aclose, free_port
 from tests.mcp.mcp_helpers import FS_SERVER, calls, direct_params, log_in_sandbox, proxy_params, sandbox, text
 
 pytestmark = pytest.mark.anyio
@@ -162,12 +162,6 @@ async def test_a_t3_call_waits_and_runs_once_after_approval(daemon: Daemon, tmp_
             assert pending == []
     finally:
         await aclose(boss)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_a_downstream_over_streamable_http(daemon: Daemon, tmp_path: Path) -> None:
