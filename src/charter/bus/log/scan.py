@@ -3,8 +3,8 @@
 The capsule builder and the reflector want a handful of operator events out of a log that is mostly
 agents' traffic. Parsing thousands of entries in Python to find them holds the daemon's event loop
 for hundreds of milliseconds, and every publish waits behind it. A backend that can filter in its
-own engine (SQLite: `read_matching_sync`) does so; any other backend is read in chunks with a yield
-to the loop between them.
+own engine (SQLite: `read_matching_native`, on a reader thread) does so; any other backend is read
+in chunks with a yield to the loop between them.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ async def read_matching(log: EventLog, patterns: Sequence[str], *, after: int = 
         return []
     if upto is None:
         upto = (await log.head())[0]
-    native = getattr(log, "read_matching_sync", None)
+    native = getattr(log, "read_matching_native", None)
     if native is not None:
-        return native(tuple(patterns), after=after, upto=upto, limit=limit, newest_first=newest_first, sender=sender)
+        return await native(tuple(patterns), after=after, upto=upto, limit=limit, newest_first=newest_first,
+                            sender=sender)
     out: list[LogEntry] = []
     if newest_first:
         cursor = upto

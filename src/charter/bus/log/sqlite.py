@@ -6,11 +6,18 @@ single chain. A publisher's receipt is returned only after COMMIT.
 Checkpoints (copying the WAL back into the database file, with an fsync of each) run on a
 background thread with its own connection, at the lowest priority, so that their milliseconds of
 I/O and CPU do not stall the event loop inside somebody's request; see `_Checkpointer`.
+
+Large reads go the same way (`_Reader`). The archivist reading a segment's worth of entries, or a
+capsule build looking back over 20,000 entries for the few operator events it shows, held the
+event loop for 10-30 ms each (sampled under the gateway benchmark's load), and every request that
+arrived meanwhile waited that long. On the reader thread the query runs in SQLite with the GIL
+released. Small reads stay inline: the thread hop costs more than they do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import sqlite3
@@ -19,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from charter.bus.envelope import Envelope, parse
 from charter.bus.log.base import (
@@ -127,12 +135,72 @@ class _Checkpointer:
         self._thread.join()
 
 
+T = TypeVar("T")
+
+
+class _Reader:
+    """One thread with its own read-only connection, for reads too large to run on the event loop.
+
+    Its reads see every transaction committed before they were handed over, so a caller reads
+    what it appended. Opened on the first large read."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="charter-log-read")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = connect(self._path, readonly=True)
+        return self._db
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(self._conn()))
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        self._pool.submit(shut)
+        self._pool.shutdown(wait=True)
+
+
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+INLINE_ROWS = 64  # a read of at most this many entries runs inline; a larger one on the reader thread
 _COLS = "seq, id, subject, sender, ts, kind, raw, hash, prev, appended_at"
 
 
 def _entry(row: tuple) -> LogEntry:
     return LogEntry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), bytes(row[7]), bytes(row[8]), row[9])
+
+
+def _read(db: sqlite3.Connection, after_seq: int, limit: int) -> list[LogEntry]:
+    rows = db.execute(f"SELECT {_COLS} FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+    return [_entry(r) for r in rows]
+
+
+def _read_matching(db: sqlite3.Connection, patterns: Sequence[str], after: int, upto: int, limit: int,
+                   newest_first: bool, sender: str | None) -> list[LogEntry]:
+    where = " OR ".join("subject GLOB ?" for _ in patterns)
+    if sender is not None:  # checked by the caller: a literal, so that the partial index applies
+        where = f"sender = '{sender}' AND ({where})"
+    order = "DESC" if newest_first else "ASC"
+    out: list[LogEntry] = []
+    lo, hi = after, upto
+    while len(out) < limit and lo < hi:
+        rows = db.execute(
+            f"SELECT {_COLS} FROM log WHERE seq > ? AND seq <= ? AND ({where}) ORDER BY seq {order} LIMIT ?",
+            (lo, hi, *(subject_glob(p) for p in patterns), limit - len(out)),
+        ).fetchall()
+        if not rows:
+            break
+        out += matching([_entry(r) for r in rows], patterns)  # the GLOB is a superset
+        if newest_first:
+            hi = rows[-1][0] - 1
+        else:
+            lo = rows[-1][0]
+    return out
 
 
 class SqliteLog:
@@ -145,6 +213,7 @@ class SqliteLog:
         self._changed = asyncio.Event()
         self._synchronous = synchronous
         self._checkpointer: _Checkpointer | None = None  # started by the first append
+        self._reader: _Reader | None = None  # started by the first large read
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -208,39 +277,27 @@ class SqliteLog:
         return self.head_sync()
 
     def read_sync(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
-        rows = self._db.execute(
-            f"SELECT {_COLS} FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-        ).fetchall()
-        return [_entry(r) for r in rows]
+        return _read(self._db, after_seq, limit)
 
     async def read(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
-        return self.read_sync(after_seq, limit)
+        if limit <= INLINE_ROWS:
+            return _read(self._db, after_seq, limit)
+        return await self._off_loop(lambda db: _read(db, after_seq, limit))
 
-    def read_matching_sync(self, patterns: Sequence[str], *, after: int, upto: int, limit: int,
-                           newest_first: bool = False, sender: str | None = None) -> list[LogEntry]:
+    async def read_matching_native(self, patterns: Sequence[str], *, after: int, upto: int, limit: int,
+                                   newest_first: bool = False, sender: str | None = None) -> list[LogEntry]:
         """`scan.read_matching` done by SQLite: the subject filter runs in C over the seq range
-        (for the operator's events, over the `log_operator` index only)."""
-        where = " OR ".join("subject GLOB ?" for _ in patterns)
-        if sender is not None:
-            if not _PLAIN_ID.fullmatch(sender):
-                raise ValueError(f"not a sender id: {sender!r}")
-            where = f"sender = '{sender}' AND ({where})"  # a literal, so that the partial index applies
-        order = "DESC" if newest_first else "ASC"
-        out: list[LogEntry] = []
-        lo, hi = after, upto
-        while len(out) < limit and lo < hi:
-            rows = self._db.execute(
-                f"SELECT {_COLS} FROM log WHERE seq > ? AND seq <= ? AND ({where}) ORDER BY seq {order} LIMIT ?",
-                (lo, hi, *(subject_glob(p) for p in patterns), limit - len(out)),
-            ).fetchall()
-            if not rows:
-                break
-            out += matching([_entry(r) for r in rows], patterns)  # the GLOB is a superset
-            if newest_first:
-                hi = rows[-1][0] - 1
-            else:
-                lo = rows[-1][0]
-        return out
+        (for the operator's events, over the `log_operator` index only), on the reader thread:
+        a scan over thousands of entries that match nothing takes milliseconds."""
+        if sender is not None and not _PLAIN_ID.fullmatch(sender):
+            raise ValueError(f"not a sender id: {sender!r}")
+        pats = tuple(patterns)
+        return await self._off_loop(lambda db: _read_matching(db, pats, after, upto, limit, newest_first, sender))
+
+    async def _off_loop(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader is None:
+            self._reader = _Reader(self.path)
+        return await self._reader.run(fn)
 
     async def get(self, seq: int) -> LogEntry | None:
         row = self._db.execute(f"SELECT {_COLS} FROM log WHERE seq = ?", (seq,)).fetchone()
@@ -290,6 +347,9 @@ class SqliteLog:
         return state
 
     def close_sync(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
