@@ -44,7 +44,7 @@ import orjson  # noqa: E402
 
 from gwlib import (  # noqa: E402
     LITELLM_MASTER_KEY,
-    LiteLLMStartError,
+    StartError,
     Pinning,
     Target,
     charter_home,
@@ -172,7 +172,7 @@ async def litellm_race(pinning: Pinning, tmp: Path, args: argparse.Namespace) ->
         config = litellm_config([model], settings={"max_budget": CAP_USD, "budget_duration": "1d"})
         try:
             proxy = start_litellm(install, config, tmp / "litellm", pinning, log_level="WARNING")
-        except LiteLLMStartError as exc:
+        except StartError as exc:
             return {**out, "ran": False, "reason": f"could not start: {exc}"}
         # 1. per-key budget: a virtual key with max_budget (what LiteLLM documents for this)
         async with aiohttp.ClientSession() as http:

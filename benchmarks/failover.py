@@ -50,7 +50,7 @@ from gwlib import (  # noqa: E402
     LITELLM_MASTER_KEY,
     ROLE_NO_BUDGET,
     Busy,
-    LiteLLMStartError,
+    StartError,
     Pinning,
     Target,
     charter_home,
@@ -308,7 +308,7 @@ async def litellm_side(args: argparse.Namespace, install: Any, pinning: Pinning,
     try:
         try:
             proxy = start_litellm(install, config, tmp / f"litellm-{name}", pinning)
-        except LiteLLMStartError as exc:
+        except StartError as exc:
             return {"ran": False, "reason": f"could not start: {exc}"}
         busy_pids[1:] = [primary.pid, backup.pid, proxy.pid]
         busy.start()

@@ -15,6 +15,11 @@ answers of exactly 6 tokens) is reached four ways, all with `POST /v1/chat/compl
                   so nothing is reserved.
   charter_priced  the same with a priced model (`bench-priced`) and an agent with a USD budget: a
                   ledger reservation before and a settlement after every call, on top of the above.
+  floor           benchmarks/floor_proxy.py: the same hop with nothing governed (uvicorn with
+                  httptools and uvloop, aiohttp upstream, the backend always asked for a stream, as
+                  Charter's router does). What Charter adds beyond it is what governance costs; what
+                  it adds itself is what any Python gateway built this way pays (`floor` in
+                  `targets`).
   litellm         the LiteLLM proxy (PyPI `litellm[proxy]`, its own venv in benchmarks/.venv-litellm),
                   no database, master key only, the same backend as an `openai/` model with the
                   equivalent routing (one model group, one deployment).
@@ -54,7 +59,7 @@ import orjson  # noqa: E402
 
 from gwlib import (  # noqa: E402
     ROLE_NO_BUDGET,
-    LiteLLMStartError,
+    StartError,
     Busy,
     Pinning,
     Run,
@@ -71,6 +76,7 @@ from gwlib import (  # noqa: E402
     rss_mib,
     session,
     start_charter,
+    start_floor,
     start_litellm,
     start_standin,
     summary_ms,
@@ -189,7 +195,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     pinning.pin_self()
     doc: dict[str, Any] = {"benchmark": "gateway", "quick": quick, "environment": environment(pinning)}
     tmp = Path(tempfile.mkdtemp(prefix="charter-gwbench-"))
-    standin = charter = proxy = None
+    standin = charter = proxy = floor = None
     try:
         progress("starting the stand-in backend (token_delay 0)")
         standin = start_standin(pinning, [MODEL], token_delay=0.0)
@@ -212,6 +218,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         await free.close()
         await paid.close()
+        progress("starting the floor proxy")
+        floor = start_floor(v1, tmp / "floor", pinning)
+        targets.append(Target("floor", floor.url + "/v1/chat/completions", None, MODEL, floor.pid))
 
         # -- LiteLLM ---------------------------------------------------------------------------
         lite: dict[str, Any] = {"ran": False}
@@ -230,7 +239,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     lite.update(ran=True, ready_after_s=r3(proxy.started_s), config=config)
                     targets.append(Target("litellm", proxy.url + "/v1/chat/completions", "sk-charter-bench", "bench",
                                           proxy.pid))
-                except LiteLLMStartError as exc:
+                except StartError as exc:
                     lite["reason"] = f"could not start: {exc}"
         doc["litellm"] = lite
 
@@ -258,7 +267,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for t in targets:
             await closed_loop(t, n=warm, concurrency=4, stream=False)
             await closed_loop(t, n=warm // 3, concurrency=4, stream=True)
-        busy = Busy(lambda: [os.getpid(), standin.pid, charter.pid, *([proxy.pid] if proxy else [])])
+        busy = Busy(lambda: [os.getpid(), standin.pid, charter.pid, floor.pid, *([proxy.pid] if proxy else [])])
         calm_wait = args.calm_wait if args.calm_wait is not None else (0.0 if quick else 180.0)
         machine: dict[str, Any] = {}
         rss_before = {"charter": rss_mib(charter.pid), **({"litellm": rss_mib(proxy.pid)} if proxy else {})}
@@ -289,18 +298,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           **({"litellm": rss_mib(proxy.pid)} if proxy else {})}
         doc["ready_after_s"] = {"charter": r3(charter.started_s), **({"litellm": r3(proxy.started_s)} if proxy else {})}
         doc["targets"] = verdicts(results, lite["ran"])
+        doc["floor"] = floor_shares(results)
         doc["parameters"] = {"requests_per_target": n, "litellm_requests": n_litellm if lite["ran"] else 0,
                              "rounds": rounds, "warmup": warm, "prompt_tokens_answer": 6, "max_tokens": 16,
                              "stand_in_token_delay_s": 0.0}
     finally:
-        if proxy:
-            proxy.stop()
+        for server in (proxy, floor):
+            if server:
+                server.stop()
         if charter:
             charter.stop()
         if standin:
             standin.stop()
         rmtree_quiet(tmp)
     return doc
+
+
+def floor_shares(results: dict[str, Any]) -> dict[str, Any]:
+    """Each Charter variant's added latency split into the floor's (the hop itself) and the rest
+    (what governance costs): `beyond_floor_ms` = Charter's added minus the floor proxy's."""
+    out: dict[str, Any] = {"means": "floor_added_ms: the same hop with nothing governed (benchmarks/floor_proxy.py); "
+                                    "<variant>_beyond_floor_ms: that variant's added latency minus the floor's"}
+    for mode, by_c in results.items():
+        for c, figs in by_c.items():
+            floor = figs["floor"]["added_ms"]
+            row: dict[str, Any] = {"floor_added_ms": floor,
+                                   "floor_cpu_ms_per_request": figs["floor"]["gateway_cpu_ms_per_request"]}
+            for variant in CHARTERS:
+                row[f"{variant}_beyond_floor_ms"] = {q: r3(figs[variant]["added_ms"][q] - floor[q]) for q in floor}
+            out[f"{mode}.{c}"] = row
+    return out
 
 
 def verdicts(results: dict[str, Any], with_litellm: bool) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Not a benchmark itself. It starts the pieces as real processes on loopback and d
   and reaching the gateway with their bearer API key, as an unmodified OpenAI client does;
 * the LiteLLM proxy, installed from PyPI into its own virtual environment (benchmarks/.venv-litellm,
   ignored by git) the first time it is needed, and started on a spare loopback port;
+* the floor proxy (benchmarks/floor_proxy.py): the same hop as Charter's with nothing governed;
 * a closed-loop load generator: keep-alive aiohttp clients, one latency per request, measured to
   the last byte of the body (so a stream counts when its `data: [DONE]` arrived).
 
@@ -378,7 +379,10 @@ def ensure_litellm(venv: Path = LITELLM_VENV) -> LiteLLMInstall:
 
 
 @dataclass
-class LiteLLMProxy:
+class ServerProcess:
+    """A gateway under test that is not Charter (the LiteLLM proxy, the floor proxy): a process
+    group on a loopback port, its output in a log file."""
+
     popen: subprocess.Popen[bytes]
     port: int
     log_path: Path
@@ -410,45 +414,60 @@ class LiteLLMProxy:
                 self.popen.wait(5)
 
 
-class LiteLLMStartError(Exception):
-    pass
+class StartError(Exception):
+    """A gateway under test (LiteLLM, the floor proxy) did not come up."""
+
+
+def _serve(name: str, cmd: list[str], port: int, log_path: Path, pinning: Pinning, health: str, timeout: float, *,
+           env: dict[str, str] | None = None, cwd: Path | None = None) -> ServerProcess:
+    """Start `cmd` in its own process group and wait until `GET health` answers 200 on `port`;
+    then pin it on the gateway's core. Raises StartError otherwise."""
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as logf:
+        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 cwd=cwd, start_new_session=True)
+    proc = ServerProcess(popen, port, log_path, 0.0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise StartError(f"{name} exited with {popen.returncode}: {proc.log_tail(800)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(f"GET {health} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    proc.started_s = time.perf_counter() - t0
+                    pinning.pin_gateway(popen.pid)
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.stop()
+    raise StartError(f"{name} did not answer within {timeout:g}s: {proc.log_tail(800)}")
 
 
 def start_litellm(install: LiteLLMInstall, config: dict[str, Any], workdir: Path, pinning: Pinning,
-                  timeout: float = 90.0, log_level: str = "ERROR") -> LiteLLMProxy:
+                  timeout: float = 90.0, log_level: str = "ERROR") -> ServerProcess:
     """`litellm --config` (JSON is YAML) on a spare port, no database, master key only."""
     assert install.python is not None
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / f"litellm-{int(time.time() * 1000)}.yaml"
     cfg.write_text(json.dumps(config, indent=1))
     port = free_port()
-    log_path = cfg.with_suffix(".log")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
     env.update(LITELLM_MASTER_KEY=LITELLM_MASTER_KEY, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG=log_level,
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", DISABLE_SCHEMA_UPDATE="True")
     cli = install.python.parent / "litellm"
     cmd = [str(cli), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as logf:
-        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 cwd=workdir, start_new_session=True)
-    proxy = LiteLLMProxy(popen, port, log_path, 0.0)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise LiteLLMStartError(f"litellm exited with {popen.returncode}: {proxy.log_tail(800)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"GET /health/liveliness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    proxy.started_s = time.perf_counter() - t0
-                    pinning.pin_gateway(popen.pid)
-                    return proxy
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proxy.stop()
-    raise LiteLLMStartError(f"litellm did not answer within {timeout:g}s: {proxy.log_tail(800)}")
+    return _serve("litellm", cmd, port, cfg.with_suffix(".log"), pinning, "/health/liveliness", timeout, env=env, cwd=workdir)
+
+
+def start_floor(upstream_v1: str, workdir: Path, pinning: Pinning, timeout: float = 30.0) -> ServerProcess:
+    """benchmarks/floor_proxy.py in front of `upstream_v1`: the same hop as Charter's, ungoverned."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), "--upstream", upstream_v1,
+           "--port", str(port)]
+    return _serve("floor_proxy", cmd, port, workdir / "floor.log", pinning, "/health", timeout)
 
 
 def litellm_model(name: str, model: str, api_base: str, **params: Any) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def test_gateway_benchmark_prints_numbers(docs: dict[str, Any]) -> None:
     for mode in ("non_stream", "stream"):
         for conc in ("c1", "c16"):
             figs = doc["results"][mode][conc]
-            assert set(figs) == {"direct", "charter", "charter_priced"}
+            assert set(figs) == {"direct", "charter", "charter_priced", "floor"}
             for name, fig in figs.items():
                 for q in ("p50", "p90", "p99", "max", "mean"):
                     assert number(fig["latency_ms"][q]), (mode, conc, name, q)
@@ -71,6 +71,16 @@ def test_gateway_benchmark_prints_numbers(docs: dict[str, Any]) -> None:
                 assert v["meets_target"] is None
             else:
                 assert number(v["value"]) and isinstance(v["meets_target"], bool), (key, name)
+    for key, row in doc["floor"].items():  # Charter's added latency split at the floor proxy's
+        if key == "means":
+            continue
+        mode, conc = key.split(".")
+        figs = doc["results"][mode][conc]
+        for variant in ("charter", "charter_priced"):
+            for q, beyond in row[f"{variant}_beyond_floor_ms"].items():
+                assert beyond == pytest.approx(figs[variant]["added_ms"][q] - figs["floor"]["added_ms"][q], abs=2e-3)
+    answers = doc["checks"]["answers"]  # the floor proxy joined the streamed pieces into the same answer
+    assert answers["floor"]["non_stream"]["answer"] == answers["direct"]["non_stream"]["answer"] != ""
     assert doc["checks"]["bus_events_per_call"] >= 1  # the call event is on the bus
     assert doc["checks"]["priced_agent_usd_committed_micros"] > 0  # and the priced calls were settled
     assert doc["checks"]["priced_agent_usd_reserved_micros"] == 0
