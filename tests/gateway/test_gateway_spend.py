@@ -19,7 +19,11 @@ can be seen).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -302,6 +306,43 @@ async def test_a_hang_up_while_the_backend_is_between_tokens_ends_the_call_at_on
         assert event["error"] == "the client went away before the answer ended" and event["stream"] is True
         assert event["latency_ms"] < 3000
         assert await wait_for(lambda: _cancelled_since(spend, before), 3.0, "the backend's generation to stop")
+        use = await spend.usage(name, "tokens")
+        assert use["reserved"] == 0
+        assert use["committed"] == event["tokens_in"] + event["tokens_out"]
+    finally:
+        await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_event(
+        spend: Spend, agent_clients: tuple[str, Clients], api: str) -> None:
+    """The agent asks for a very long answer at full speed and reads none of it, so Charter's writes
+    back up and it waits inside send() when the agent hangs up. The call still ends as any hang-up
+    does: what went out is settled before the event is written, and the two agree on the tokens."""
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 10_000_000)
+    messages = [{"role": "user", "content": f"[[tokens=400000]] stop reading, {api}"}]
+    if api == OPENAI:
+        path = "/v1/chat/completions"
+        doc: dict[str, Any] = {"model": "strict", "messages": messages, "stream": True, "max_tokens": 400_000}
+    else:
+        path = "/api/chat"
+        doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
+    body = json.dumps(doc).encode()
+    host, port = spend.url.removeprefix("http://").split(":")
+    await standin(spend.fleet.primary, "config", {"token_delay": 0})
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        await asyncio.sleep(2.0)  # megabytes of answer, none read: every buffer on the way is full
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a hang-up with the answer's bytes unread
+        event = await call_event(spend.fleet.daemon, messages, timeout=5.0)
+        assert event["error"] == "the client went away before the answer ended" and event["stream"] is True
+        assert event["tokens_out"] > 0  # settled before the event was written
         use = await spend.usage(name, "tokens")
         assert use["reserved"] == 0
         assert use["committed"] == event["tokens_in"] + event["tokens_out"]

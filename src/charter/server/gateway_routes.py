@@ -210,6 +210,8 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             except MidstreamError as exc:
                 outcome["failed"] = exc
                 yield encoder.error(f"the answer broke off and no backend could continue it: {exc.reason}")
+            finally:  # closed early (the client left): the router settles or releases now
+                await pieces.aclose()
 
         async def after() -> None:
             """The call event, once the last byte is sent, or once the agent went away mid-answer."""

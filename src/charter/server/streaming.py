@@ -17,34 +17,50 @@ after the body either way, so a call's event records a client that went away.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from starlette.responses import StreamingResponse
+
+log = logging.getLogger("charter.server")
 
 
 class WatchedStream(StreamingResponse):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         sender = asyncio.current_task()
         assert sender is not None
-        state = {"sending": True, "gone": False}
+        state = {"sending": True, "cancelled": False}
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            state["gone"] = True
             if state["sending"]:
+                state["cancelled"] = True
                 sender.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
+        watcher.add_done_callback(_retrieve)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
             # Ours, sent because the client left: taken back, and the answer just ends. Another
             # cancellation besides (the server shutting down) still goes on up.
-            if not state["gone"] or sender.uncancel() > 0:
+            if not state["cancelled"] or sender.uncancel() > 0:
                 raise
         finally:
             state["sending"] = False
             watcher.cancel()
+            # Cancelled inside send() (a client that stopped reading, then left), the body was
+            # never told: close it now, so the call settles what went out before its event is
+            # written, not whenever the abandoned generators are collected.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
         if self.background is not None:
             await self.background()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A watcher that failed (receive() raised) is logged by asyncio only if nobody looked."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("the disconnect watcher of a streamed answer failed: %r", task.exception())
