@@ -11,6 +11,7 @@ what was appended just before the read was asked for.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ async def test_a_small_read_runs_inline_and_a_large_one_on_the_reader_thread(tmp
         assert not off_loop  # the loop ran us while the reader thread worked
         assert large == log.read_sync(10, 250)  # the same entries, field for field
         assert [e.seq for e in large] == list(range(11, 261))  # type: ignore[attr-defined]
+        # what there is to read decides, not what is asked for: a follower asking for 500 after
+        # each append finds a few, and reads them inline
+        inline, tail = await first_step_finishes(log.read(290, 500))
+        assert inline and [e.seq for e in tail] == list(range(291, 301))  # type: ignore[attr-defined]
     finally:
         await log.close()
 
@@ -100,10 +105,23 @@ async def test_a_sender_that_is_not_an_id_is_refused_before_any_sql(tmp_path: Pa
         await log.close()
 
 
-async def test_closing_the_log_closes_its_reader(tmp_path: Path) -> None:
+async def test_closing_the_log_closes_its_reader_and_later_reads_fail(tmp_path: Path) -> None:
     log = await filled(tmp_path / "log.db", 200)
     await log.read(0, 200)
     reader = log._reader
     assert reader is not None
     await log.close()
     assert log._reader is None and reader._db is None  # the reader's connection was closed in its thread
+    for limit in (10, 200):  # inline or not, as a closed connection says; no new reader is opened
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            await log.read(0, limit)
+    assert log._reader is None
+
+
+async def test_the_reader_opens_a_path_with_uri_characters(tmp_path: Path) -> None:
+    """The reader's connection is read-only, opened by URI: '#', '?' and '%' in the path are escaped."""
+    log = await filled(tmp_path / "odd #1 ?x %41" / "log.db", 200)
+    try:
+        assert [e.seq for e in await log.read(0, 200)] == list(range(1, 201))
+    finally:
+        await log.close()

@@ -16,7 +16,9 @@ def connect(path: Path, *, synchronous: str = "normal", readonly: bool = False) 
     WAL is in the OS page cache); `FULL` also fsyncs it, to survive a power cut.
     """
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        # as a URI, escaped: a '#', '?' or '%' in the path would otherwise name another file
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

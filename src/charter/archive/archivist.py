@@ -256,12 +256,12 @@ class Archivist:
             rows: list[Row] = []
             cursor = after
             while len(rows) < want:
-                batch = await self.log.read(cursor, min(250, want - len(rows)))  # ~1 ms each on SQLite
+                batch = await self.log.read(cursor, min(250, want - len(rows)))  # on SQLite: on its reader thread
                 if not batch:
                     break
                 rows += [(e.seq, e.hash, e.prev, e.raw, e.ts) for e in batch]
                 cursor = batch[-1].seq
-                await asyncio.sleep(0)  # a SQLite read does not yield: let publishes in between
+                await asyncio.sleep(0)  # a log that reads on the loop (NATS decoding, say): publishes in between
             if want <= 0 or not rows or (len(rows) < c.segment_entries and not partial):
                 return made
 
