@@ -318,7 +318,8 @@ def floor_shares(results: dict[str, Any]) -> dict[str, Any]:
     """Each Charter variant's added latency split into the floor's (the hop itself) and the rest
     (what governance costs): `beyond_floor_ms` = Charter's added minus the floor proxy's."""
     out: dict[str, Any] = {"means": "floor_added_ms: the same hop with nothing governed (benchmarks/floor_proxy.py); "
-                                    "<variant>_beyond_floor_ms: that variant's added latency minus the floor's"}
+                                    "<variant>_beyond_floor_ms: that variant's added percentile minus the floor's "
+                                    "(a difference of percentiles, not the percentile of a difference)"}
     for mode, by_c in results.items():
         for c, figs in by_c.items():
             floor = figs["floor"]["added_ms"]

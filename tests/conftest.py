@@ -30,6 +30,19 @@ def _ephemeral_low() -> int:
 
 
 PORT_SPAN = 12_000  # how many ports below the ephemeral range free_port draws from
+_handed_out: set[int] = set()  # by this process: two picks before either is bound must differ
+_draw = random.SystemRandom()  # not the global generator, which a test may seed
+
+
+def _worker_slice(first: int, end: int) -> tuple[int, int]:
+    """This pytest-xdist worker's own share of [first, end): workers never draw the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    if count <= 1 or index >= count:
+        return first, end
+    size = (end - first) // count
+    return first + index * size, first + (index + 1) * size
 
 
 def free_port() -> int:
@@ -37,19 +50,22 @@ def free_port() -> int:
 
     Binding port 0 would hand out one from the kernel's ephemeral range, and so might the next
     outgoing connection of any process (another test worker's clients, say) in the seconds before
-    the daemon or server written against it binds it. A random port just below that range is
-    never handed out by the kernel, and other workers' random picks rarely meet.
+    the daemon or server written against it binds it. A port just below that range is never handed
+    out by the kernel; each test worker draws from its own share of them, and never twice.
     """
     low = _ephemeral_low()
-    first = max(1024, low - PORT_SPAN)
-    for _ in range(200) if low - first >= 1000 else ():
-        port = random.randrange(first, low)
+    first, end = _worker_slice(max(1024, low - PORT_SPAN), low)
+    for _ in range(200) if end - first >= 500 else ():
+        port = _draw.randrange(first, end)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue  # taken: draw again
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:  # an unusual port range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
