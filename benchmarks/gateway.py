@@ -26,9 +26,11 @@ answers of exactly 6 tokens) is reached four ways, all with `POST /v1/chat/compl
 
 Each of non-streaming and streaming (latency = time to the last byte, `data: [DONE]` included) is
 measured at concurrency 1 and 16, closed loop, keep-alive aiohttp clients. The targets are
-interleaved in rounds so a noisy neighbour hurts them alike; each figure pools the rounds. "added"
-is the percentile through the gateway minus the same percentile direct. Throughput is completed
-requests per second of wall time. CPU per request is the gateway process's own CPU time.
+interleaved in rounds so a noisy neighbour hurts them alike, with a pause of 0.2 s before each
+target's turn (the gateways share a core, and the one before may still be writing what its last
+answers queued); each figure pools the rounds. "added" is the percentile through the gateway
+minus the same percentile direct. Throughput is completed requests per second of wall time.
+CPU per request is the gateway process's own CPU time.
 
 The machines are shared: before each phase the run waits (up to --calm-wait s) for other processes
 to quieten, and a round during which they took more than 15% of the CPU is run again (at most 3
@@ -85,6 +87,7 @@ from gwlib import (  # noqa: E402
 
 MODEL = "llama3.2:3b"
 T_C1_P50, T_C1_P99, T_C16_P99, T_RATIO = 1.0, 3.0, 15.0, 5.0
+SETTLE_S = 0.2  # a pause before each target's turn in a round
 CHARTERS = ("charter", "charter_priced")
 
 
@@ -167,6 +170,9 @@ async def measure(targets: list[Target], *, n: int, n_litellm: int, rounds: int,
                     per = n_litellm if t.name == "litellm" else n
                     k = per // rounds + (1 if rnd < per % rounds else 0)
                     if k > 0:
+                        # The gateways share a core: let the one before finish what it queued after its
+                        # last answer (events, settlements), so that it does not land in this one's figures.
+                        await asyncio.sleep(SETTLE_S)
                         got[t.name] = await closed_loop(t, n=k, concurrency=conc, stream=stream, http=https[t.name])
                 share = busy.share() if busy else None
                 if share is not None and share > max_share and attempt < redo and calm_wait > 0:
