@@ -289,7 +289,7 @@ class SqliteLog:
     async def read(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         # by what there is to read, not what is asked for: a follower asking for 500 after each
         # append usually finds one
-        if min(limit, self.head_sync()[0] - after_seq) <= INLINE_ROWS:
+        if limit <= INLINE_ROWS or self.head_sync()[0] - after_seq <= INLINE_ROWS:
             return _read(self._db, after_seq, limit)
         return await self._off_loop(lambda db: _read(db, after_seq, limit))
 
