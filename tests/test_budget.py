@@ -434,10 +434,12 @@ def test_a_charter_db_from_before_on_expiry_gets_the_column_and_keeps_its_reserv
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE reservations DROP COLUMN on_expiry")  # as it was before the column
     # `charter migrate` reads such a file read-only, as it is: the missing column is its default.
-    from charter.migrate import STORE_TABLES, _present
+    from charter.budget.ledger import COLUMN_DEFAULTS, TABLES
+    from charter.db import select_list
 
-    [row] = db.execute(f"SELECT {_present(db, 'reservations', STORE_TABLES['reservations'])} FROM reservations")
-    assert len(row) == len(STORE_TABLES["reservations"].split(",")) and row[-1] == "release"
+    [row] = db.execute(f"SELECT {select_list(db, 'reservations', TABLES['reservations'], COLUMN_DEFAULTS)} "
+                       "FROM reservations")
+    assert len(row) == len(TABLES["reservations"].split(",")) and row[-1] == "release"
     db.close()
     ledger = Ledger(path)
     assert ledger.sweep(now=NOW + 1000) == 1
@@ -856,11 +858,11 @@ def test_the_ledger_rolls_over_at_local_midnight(tmp_path: Path) -> None:
 
 
 def test_the_ledgers_commits_do_not_checkpoint_inline_at_sqlites_default(tmp_path: Path) -> None:
-    """charter.db's WAL is checkpointed by the daemon's background thread; a commit that crosses
+    """The ledger's WAL is checkpointed by its background thread; a commit that crosses
     SQLite's default threshold (1000 pages) would otherwise copy the WAL into the database file, with
     fsyncs, inside a model call. Past 1000 pages of ledger commits, the database file is untouched."""
-    db = tmp_path / "charter.db"
-    ledger = Ledger(db)
+    db = tmp_path / "budget.db"
+    ledger = Ledger(db, background_checkpoints=False)  # (its own thread would touch the file: not this test's)
     lims = [Limit("global", "usd", "day", 10**15), Limit("global", "tokens", "day", 10**15)]
     ledger.reserve(agent_id="a", role="w", usd=1, tokens=1, limits=lims, now=NOW)
     before = (db.stat().st_size, db.stat().st_mtime_ns)

@@ -136,7 +136,7 @@ async def test_a_clean_shutdown_books_what_is_queued(tmp_path: Path) -> None:
     rid = node.gov.ledger.reserve(agent_id=AGENT.id, role="w", usd=5000, tokens=10, limits=LIMITS).id
     node.gov.settlements.add(AGENT, rid, usd=1234, tokens_in=2, tokens_out=3)
     await node.close()  # at once: no turn of the loop has passed
-    ledger = Ledger(home.db_path)
+    ledger = Ledger(home.budget_db_path)
     try:
         assert use(ledger) == (0, 1234)
         assert ledger.history(by="agent")[0]["usd_micros"] == 1234
@@ -180,7 +180,7 @@ async def test_what_closing_the_gateway_settles_is_booked_and_alerted_before_the
 
     node.gateway.close = closing  # type: ignore[method-assign]
     await node.close()
-    ledger = Ledger(home.db_path)
+    ledger = Ledger(home.budget_db_path)
     try:
         assert use(ledger) == (0, 4000)
     finally:

@@ -327,6 +327,9 @@ class Home:
     keys_dir = property(lambda self: self.root / "keys")
     root_key_path = property(lambda self: self.root / "keys" / "root.key")
     db_path = property(lambda self: self.root / "charter.db")
+    # The budget ledger's own file: its commits and the log's appends, on one file, each emptied
+    # the other's page cache (see charter.budget.ledger).
+    budget_db_path = property(lambda self: self.root / "budget.db")
     policies_dir = property(lambda self: self.root / "policies")
     sandboxes_dir = property(lambda self: self.root / "sandboxes")
     run_dir = property(lambda self: self.root / "run")

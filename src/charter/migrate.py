@@ -7,8 +7,9 @@ JetStream message; the NATS log recomputes every hash, and each receipt must equ
 entry's (same seq, same hash) or the migration stops. A stream that already holds a prefix of
 this log is continued (a migration cut short can be run again); one that holds anything else is
 refused. Named consumers follow. Then the whole stream is verified, signatures included, and its
-head must equal the SQLite head. The registry's and the ledger's tables are copied in one PostgreSQL
-transaction, into empty tables only, and their counts and totals compared. charter.db is left as it was.
+head must equal the SQLite head. The registry's tables (charter.db) and the ledger's (budget.db) are
+copied in one PostgreSQL transaction, into empty tables only, and their counts and totals compared.
+Both files are left as they were (a home from before budget.db has its ledger moved there first).
 """
 
 from __future__ import annotations
@@ -16,29 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from charter.budget.ledger import COLUMN_DEFAULTS
+from charter.budget.ledger import TABLES as LEDGER_TABLES
 from charter.bus.envelope import parse
 from charter.config import Home
 from charter.errors import CONFLICT, CharterError
 
-STORE_TABLES = {
+STORE_TABLES = {  # charter.db's registry, then budget.db's ledger (PostgreSQL numbers the spend rows itself)
     "invites": "id, token_hash, role, uses, uses_left, created_at, expires_at, revoked, note",
     "agents": "id, name, role, public_key, status, reason, charter, issued_at, expires_at, invite_id, created_at, "
               "updated_at",
     "api_keys": "key_hash, agent_id, created_at, revoked",
-    "budget_limits": "scope, unit, period, hard, soft_ratio, updated_at",
-    "budget_usage": "scope, unit, period, period_key, reserved, committed, alerted",
-    "reservations": "id, agent_id, role, model, action, usd, tokens, charges, state, created_at, expires_at, "
-                    "closed_at, on_expiry",
-    "spend": "reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun",
+    **{t: c.removeprefix("id, ") if t == "spend" else c for t, c in LEDGER_TABLES.items()},
 }
-
-
-def _present(src: Any, table: str, cols: str) -> str:
-    """The select list for a charter.db that no daemon of this version has opened yet (read-only
-    here): a column it lacks is read as its default."""
-    have = {r[1] for r in src.execute(f"PRAGMA table_info({table})")}
-    defaults = {"on_expiry": "'release'"}
-    return ", ".join(c if c in have else defaults[c] for c in (c.strip() for c in cols.split(",")))
 
 
 async def migrate_log(home: Home, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -106,7 +97,8 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
     import psycopg
 
     from charter.budget.pg import PgLedger
-    from charter.db import connect
+    from charter.budget.relocate import move_ledger
+    from charter.db import connect, select_list
     from charter.identity.registry_pg import PgRegistry
 
     config = home.load_config()
@@ -114,16 +106,22 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
         raise CharterError(CONFLICT, 'set [store] backend = "postgres" (and postgres_dsn) first', "store.backend")
     PgLedger(config.store.postgres_dsn).close()  # the tables
     PgRegistry(config.store.postgres_dsn, listen=False).close()
-    src = connect(home.db_path, readonly=True)
+    moved = move_ledger(home.db_path, home.budget_db_path)  # a home from before budget.db: its ledger first
+    if moved:
+        say(f"  the ledger moved from {home.db_path.name} to {home.budget_db_path.name} first ({moved} rows)")
+    registry = connect(home.db_path, readonly=True)
+    ledger = connect(home.budget_db_path, readonly=True)
     out: dict[str, Any] = {"tables": {}}
     try:
         with psycopg.connect(config.store.postgres_dsn) as pg, pg.transaction():
             for table, cols in STORE_TABLES.items():
+                src = ledger if table in LEDGER_TABLES else registry
                 if pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
                     raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; it was migrated "
                                        "already or belongs to another installation", "store.postgres_dsn")
                 order = "id" if table == "spend" else "rowid"
-                rows = src.execute(f"SELECT {_present(src, table, cols)} FROM {table} ORDER BY {order}").fetchall()
+                rows = src.execute(f"SELECT {select_list(src, table, cols, COLUMN_DEFAULTS)} FROM {table} "
+                                   f"ORDER BY {order}").fetchall()
                 if rows:
                     with pg.cursor() as cur:
                         marks = ",".join(["%s"] * len(cols.split(",")))
@@ -131,16 +129,17 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
                 say(f"  {table}: {len(rows)} rows")
                 out["tables"][table] = len(rows)
             checks = {
-                "agents": "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'active') FROM agents",
-                "usage": "SELECT COALESCE(SUM(reserved), 0), COALESCE(SUM(committed), 0) FROM budget_usage",
-                "spend": "SELECT COALESCE(SUM(usd), 0), COUNT(*) FROM spend",
+                "agents": (registry, "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'active') FROM agents"),
+                "usage": (ledger, "SELECT COALESCE(SUM(reserved), 0), COALESCE(SUM(committed), 0) FROM budget_usage"),
+                "spend": (ledger, "SELECT COALESCE(SUM(usd), 0), COUNT(*) FROM spend"),
             }
-            for what, sql in checks.items():
+            for what, (src, sql) in checks.items():
                 a, b = tuple(src.execute(sql).fetchone()), tuple(int(x) for x in pg.execute(sql).fetchone())
                 if a != b:
                     raise CharterError("migrate_failed", f"{what} totals differ after the copy: {a} vs {b}", "ledger")
                 out[what] = list(b)
     finally:
-        src.close()
+        registry.close()
+        ledger.close()
     out["ok"] = True
     return out

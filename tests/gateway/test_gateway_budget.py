@@ -158,12 +158,12 @@ async def test_a_daemon_killed_mid_call_books_the_whole_reservation_at_its_expir
             await clients.close()
         finish(fleet)
 
-    db = sqlite3.connect(fleet.home.db_path)
+    db = sqlite3.connect(fleet.home.budget_db_path)
     [(agent, usd, created_at, expires_at, on_expiry)] = db.execute(
         "SELECT agent_id, usd, created_at, expires_at, on_expiry FROM reservations WHERE state = 'held'").fetchall()
     db.close()
     assert on_expiry == "book" and usd > 40 * 1000  # the prompt's bound and 40 output tokens at $0.001
-    ledger = Ledger(fleet.home.db_path)
+    ledger = Ledger(fleet.home.budget_db_path)
     try:
         assert ledger.sweep(now=expires_at - 1) == 0  # held until its expiry, as long as a call may run
         assert ledger.sweep(now=expires_at) == 1

@@ -52,7 +52,7 @@ async def test_migrate_sqlite_to_nats_and_postgres(tmp_path: Path, shared_nats: 
         await aclose(alpha)
     finally:
         stop(home)
-    ledger = Ledger(home.db_path)  # a gateway call in flight when the daemon died: still to be booked in full
+    ledger = Ledger(home.budget_db_path)  # a gateway call in flight when the daemon died: still to be booked in full
     booked = ledger.reserve(agent_id="agt_x", role="worker", usd=7, tokens=3, limits=[], on_expiry="book")
     ledger.close()
     before = verify_file(home.db_path)

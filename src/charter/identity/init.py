@@ -54,12 +54,19 @@ def init_home(home: Home) -> InitReport:
         report.created.append(str(home.root_key_path.relative_to(home.root)))
     report.root_key_id = key.public.key_id
 
-    existed = home.db_path.exists()
-    from charter.bus.log.sqlite import SqliteLog  # the schemas live with their owners
+    from charter.budget.ledger import Ledger  # the schemas live with their owners
+    from charter.budget.relocate import move_ledger
+    from charter.bus.log.sqlite import SqliteLog
     from charter.identity.registry import Registry
 
+    existed = home.db_path.exists()
     Registry(home.db_path).close()
     SqliteLog(home.db_path).close_sync()
     os.chmod(home.db_path, 0o600)
     (report.kept if existed else report.created).append(home.db_path.name)
+    existed = home.budget_db_path.exists()
+    move_ledger(home.db_path, home.budget_db_path)  # an older home's ledger, if charter.db still holds it
+    Ledger(home.budget_db_path, background_checkpoints=False).close()
+    os.chmod(home.budget_db_path, 0o600)
+    (report.kept if existed else report.created).append(home.budget_db_path.name)
     return report

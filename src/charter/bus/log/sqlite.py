@@ -5,7 +5,7 @@ single chain. A publisher's receipt is returned only after COMMIT.
 
 Checkpoints (copying the WAL back into the database file, with an fsync of each) run on a
 background thread with its own connection, at the lowest priority, so that their milliseconds of
-I/O and CPU do not stall the event loop inside somebody's request; see `_Checkpointer`.
+I/O and CPU do not stall the event loop inside somebody's request; see `charter.db.Checkpointer`.
 
 Large reads go the same way (`_Reader`). The archivist reading a segment's worth of entries, or a
 capsule build looking back over 20,000 entries for the few operator events it shows, held the
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import re
 import sqlite3
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +38,7 @@ from charter.bus.log.base import (
 )
 from charter.bus.log.scan import matching, subject_glob
 from charter.bus.log.witness import KeyWitness
-from charter.db import connect
+from charter.db import Checkpointer, connect
 from charter.encoding import loads
 from charter.identity.keys import PublicKey
 from charter.errors import NOT_FOUND, CharterError
@@ -73,73 +70,6 @@ CREATE TABLE IF NOT EXISTS consumers (
     PRIMARY KEY (owner, name)
 );
 """
-
-# SQLite's automatic checkpoint runs inline in the COMMIT that pushes the WAL past 1000 pages: every
-# ~270 single-envelope appends, one of them took several milliseconds longer (fsync of the WAL and
-# the database file), and so did every request queued behind it. With a background checkpointer the
-# automatic one stays only as a backstop: it lets the WAL restart from its beginning (which needs a
-# moment when every frame is copied back) and it finds most frames already copied.
-CHECKPOINT_EVERY = 0.1  # seconds between background checkpoints, while there are new appends
-
-
-def _yield_to_requests() -> None:
-    """Run this thread only when the core has nothing else to do (Linux's SCHED_IDLE; nice 19
-    where that is refused).
-
-    A checkpoint takes a few milliseconds of CPU. Sharing a core with the event loop at the same
-    priority, it held up whatever request arrived meanwhile: at one request at a time, about one in
-    forty. At nice 19 the scheduler still gave it whole slices now and then, with the loop's thread
-    waiting (5-10 ms seen under load); a SCHED_IDLE thread gives the core up as soon as the loop's
-    thread wakes (gateway_compare.py with a budget, against nice 19: p99 x0.68 at c=1, x0.76 and
-    x0.89 at c=16). The checkpoint releases the GIL inside SQLite, and the inline backstop
-    checkpoint still bounds the WAL should it fall behind on a core that is never idle.
-    """
-    if sys.platform != "linux":
-        return  # elsewhere a thread id is not a pid: setpriority would miss, or renice the process
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-
-
-class _Checkpointer:
-    """A thread that runs PASSIVE checkpoints, which never wait for (or block) readers or writers.
-
-    Durability is unchanged: an append is durable at its COMMIT whatever the checkpoints do, and a
-    checkpoint syncs exactly as SQLite's automatic one does (same `synchronous` setting).
-    """
-
-    def __init__(self, path: Path, synchronous: str) -> None:
-        self._path, self._synchronous = path, synchronous
-        self.dirty = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="charter-log-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        _yield_to_requests()
-        try:
-            db = connect(self._path, synchronous=self._synchronous)
-        except sqlite3.Error:
-            return  # the writer's automatic checkpoint still does the job
-        try:
-            while not self._stop.wait(CHECKPOINT_EVERY):
-                if self.dirty:
-                    self.dirty = False
-                    try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    except sqlite3.Error:
-                        pass  # busy or failing: the next pass, or the backstop, retries
-        finally:
-            db.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 T = TypeVar("T")
 
@@ -218,7 +148,7 @@ class SqliteLog:
         self._db.executescript(SCHEMA)
         self._changed = asyncio.Event()
         self._synchronous = synchronous
-        self._checkpointer: _Checkpointer | None = None  # started by the first append
+        self._checkpointer: Checkpointer | None = None  # started by the first append
         self._reader: _Reader | None = None  # started by the first large read
         self._closed = False
 
@@ -248,7 +178,7 @@ class SqliteLog:
             db.execute("ROLLBACK")
             raise
         if self._checkpointer is None:  # (the inline checkpoint's backstop is set by charter.db.connect)
-            self._checkpointer = _Checkpointer(self.path, self._synchronous)
+            self._checkpointer = Checkpointer(self.path, self._synchronous, "charter-log-checkpoint")
         self._checkpointer.dirty = True
         self._notify()
         return receipts

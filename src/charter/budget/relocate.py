@@ -1,0 +1,110 @@
+"""A ledger kept in charter.db by an older Charter, moved once into budget.db.
+
+The ledger's tables used to live in charter.db beside the log (see `Ledger` for why they no longer
+do). The first opening by this version copies them, row ids included, into budget.db in one
+transaction that also records the move (`ledger_meta.moved_from`), then drops them from charter.db
+in a second. A crash between the two leaves both copies; the next opening finds the record, checks
+that charter.db holds nothing budget.db lacks, and finishes the drop.
+
+Both files' ledger locks are held throughout, so no writer of either can book between the copy
+and the drop. A daemon of the older version still running on this home afterwards finds its tables
+gone and fails its reservations (closed), rather than spending against an empty budget. Should
+charter.db hold ledger rows that budget.db lacks while budget.db holds a ledger already, the move
+stops with an error naming both files: nothing is dropped, nothing is merged by guess.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from charter.budget.ledger import COLUMN_DEFAULTS, TABLES, Ledger
+from charter.db import connect, select_list
+from charter.errors import CONFLICT, CharterError
+
+log = logging.getLogger("charter.budget")
+
+MOVED = "moved_from"
+
+
+def _tables(db: sqlite3.Connection) -> list[str]:
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return [t for t in TABLES if t in names]
+
+
+def _ids(db: sqlite3.Connection, table: str) -> set[object]:
+    return {r[0] for r in db.execute(f"SELECT id FROM {table}")}
+
+
+def move_ledger(old: Path, new: Path) -> int:
+    """Move the ledger tables from `old` (charter.db) into `new` (budget.db) if `old` still has
+    them; returns how many rows were copied (0 when there was nothing to move)."""
+    if not old.exists():
+        return 0
+    src = connect(old)
+    try:
+        present = _tables(src)
+        if not present:
+            return 0
+        lock = os.open(old.with_name(old.name + ".ledger.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # an older writer of charter.db's ledger waits (or has finished)
+            ledger = Ledger(new, background_checkpoints=False)
+            try:
+                moved = _copy(src, present, ledger, old, new)
+            finally:
+                ledger.close()
+            src.execute("BEGIN IMMEDIATE")
+            try:
+                for table in [*present, "ledger_meta"]:  # (the last, only if a Ledger of this version made it)
+                    src.execute(f"DROP TABLE IF EXISTS {table}")
+                src.execute("COMMIT")
+            except BaseException:
+                src.execute("ROLLBACK")
+                raise
+        finally:
+            os.close(lock)  # (and with it the flock)
+    finally:
+        src.close()
+    if moved:
+        log.info("moved the budget ledger from %s to %s: %d rows", old.name, new.name, moved,
+                 extra={"fields": {"from": str(old), "to": str(new), "rows": moved}})
+    return moved
+
+
+def _copy(src: sqlite3.Connection, present: list[str], ledger: Ledger, old: Path, new: Path) -> int:
+    """Copy every present table's rows into the ledger, in one transaction with the record of the
+    move; or, when the record is there already (a move cut short), check there is nothing left to copy."""
+    with ledger._txn(limits_changed=True) as db:  # noqa: SLF001 - the ledger's own lock and transaction
+        done = db.execute("SELECT value FROM ledger_meta WHERE key = ?", (MOVED,)).fetchone()
+        rows = {t: src.execute(f"SELECT {select_list(src, t, TABLES[t], COLUMN_DEFAULTS)} FROM {t}").fetchall()
+                for t in present}
+        if not any(rows.values()):
+            return 0
+        if done is not None:
+            left = {t: len(_ids(src, t) - _ids(db, t)) if t in present else 0 for t in ("reservations", "spend")}
+            if any(left.values()):
+                _refuse(old, new, f"it has {left['reservations']} reservations and {left['spend']} spend rows "
+                        f"that {new.name} lacks, written after the ledger moved ({done[0]})")
+            return 0
+        if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in TABLES):
+            _refuse(old, new, f"{new.name} holds a ledger already")
+        copied = 0
+        for table, found in rows.items():
+            marks = ",".join("?" * len(TABLES[table].split(",")))
+            db.executemany(f"INSERT INTO {table} ({TABLES[table]}) VALUES ({marks})", found)
+            copied += len(found)
+        db.execute("INSERT INTO ledger_meta VALUES (?, ?)",
+                   (MOVED, json.dumps({"path": str(old), "at_ms": time.time_ns() // 1_000_000, "rows": copied})))
+        return copied
+
+
+def _refuse(old: Path, new: Path, why: str) -> None:
+    raise CharterError(CONFLICT, f"the budget ledger in {old} cannot be moved into {new}: {why}. Nothing was "
+                       f"changed; keep the one that is right (move the other file's tables aside) and start again",
+                       "budget")
