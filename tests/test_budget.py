@@ -271,7 +271,8 @@ def db_state(db: Path) -> dict[str, Any]:
             "overruns": conn.execute("SELECT COUNT(*) FROM spend WHERE overrun").fetchone()[0],
             "states": dict(conn.execute("SELECT state, COUNT(*) FROM reservations GROUP BY state").fetchall()),
             "interleavings": sum(1 for (x,), (y,) in pairwise(
-                conn.execute("SELECT agent_id FROM reservations ORDER BY rowid").fetchall()) if x != y),
+                # ids are ULIDs: in the order made, to the millisecond (the table has no rowid)
+                conn.execute("SELECT agent_id FROM reservations ORDER BY id").fetchall()) if x != y),
             "held_by_agent": dict(conn.execute("SELECT agent_id, SUM(usd) FROM reservations WHERE state = 'held' "
                                                "GROUP BY agent_id").fetchall()),
         }

@@ -119,7 +119,8 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
                 if pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
                     raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; it was migrated "
                                        "already or belongs to another installation", "store.postgres_dsn")
-                order = "id" if table == "spend" else "rowid"
+                order = {"spend": "id", "reservations": "id", "budget_limits": "scope, unit, period",
+                         "budget_usage": "scope, unit, period, period_key"}.get(table, "rowid")
                 rows = src.execute(f"SELECT {select_list(src, table, cols, COLUMN_DEFAULTS)} FROM {table} "
                                    f"ORDER BY {order}").fetchall()
                 if rows:
