@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -141,6 +142,27 @@ def test_an_older_ledger_still_open_fails_closed_after_the_move(tmp_path: Path) 
             running.reserve(agent_id="agt_a", role="worker", usd=1, tokens=1, limits=LIMITS, now=NOW + 9)
     finally:
         running.close()
+
+
+def test_processes_starting_at_once_move_it_once(tmp_path: Path) -> None:
+    """A daemon and a CLI command started together on an older home: one moves the ledger, the
+    others find it moved, and no one fails."""
+    home, _ = older_home(tmp_path / "home")
+    before = rows(home.db_path)
+    go = tmp_path / "go"
+    script = ("import os, sys, time\n"
+              "from pathlib import Path\n"
+              "from charter.budget.relocate import move_ledger\n"
+              "while not os.path.exists(sys.argv[1]): time.sleep(0.001)\n"
+              "print(move_ledger(Path(sys.argv[2]), Path(sys.argv[3])))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), str(home.db_path), str(home.budget_db_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(0.5)  # all of them waiting
+    go.touch()
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert sorted(int(out) for out, _ in outs) == [0, 0, 0, 8]
+    assert rows(home.db_path) == {} and rows(home.budget_db_path) == before
 
 
 def test_a_fresh_home_has_its_ledger_in_budget_db_from_the_start(tmp_path: Path) -> None:

@@ -48,12 +48,14 @@ def move_ledger(old: Path, new: Path) -> int:
         return 0
     src = connect(old)
     try:
-        present = _tables(src)
-        if not present:
+        if not _tables(src):
             return 0
         lock = os.open(old.with_name(old.name + ".ledger.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # an older writer of charter.db's ledger waits (or has finished)
+            present = _tables(src)  # again, locked: another process starting at once may have moved them
+            if not present:
+                return 0
             ledger = Ledger(new, background_checkpoints=False)
             try:
                 moved = _copy(src, present, ledger, old, new)
