@@ -23,7 +23,6 @@ keeps an overrun from happening; the gateway sends the backend the output limit 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from ulid import ULID
 
 from charter.budget.periods import PERIODS, period_key
@@ -177,7 +177,7 @@ def _charges(text: str) -> list[tuple[str, str, str, str, int, int | None]]:
 
     Rows written before the limit was recorded with each charge have 5 fields; their hard is None.
     """
-    return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in json.loads(text)]
+    return [(c[0], c[1], c[2], c[3], c[4], c[5] if len(c) > 5 else None) for c in orjson.loads(text)]
 
 
 def _unhold(db: Any, charges: str, *, book: bool = False) -> None:
@@ -476,7 +476,8 @@ class Ledger:
             db.execute(
                 "INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
                 "created_at, expires_at, on_expiry) VALUES (?,?,?,?,?,?,?,?,'held',?,?,?)",
-                (rid, agent_id, role, model, action, usd, tokens, json.dumps(charges), now, expires, on_expiry),
+                (rid, agent_id, role, model, action, usd, tokens, orjson.dumps(charges).decode(), now, expires,
+                 on_expiry),
             )
         report_booked(booked)
         return Reservation(rid, usd, tokens, expires, tuple(alerts))
