@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
@@ -30,6 +30,7 @@ from charter.policy.store import Policy, PolicyVersions, load_policies
 APPROVAL_REQUIRED = "approval_required"
 OPERATOR_DECISION = Decision(ALLOW, "operator", "T3", "the operator acts with the root key")
 Emit = Callable[[str, Any], Awaitable[Receipt]]
+T = TypeVar("T")
 
 
 def _now() -> int:
@@ -262,8 +263,54 @@ class Governance:
         through only with an approval: `approval_id`, or a window covering this agent and action; a
         one-shot approval is spent on this reservation exactly once. With `reserve=False`, or no limit
         to reserve against when `reserve` is None, nothing is reserved. `on_expiry` is the ledger's
-        (`Ledger.reserve`). Raises SpendRefused.
+        (`Ledger.reserve`). Raises SpendRefused. On the event loop, use `admit_spend_async`.
         """
+        d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
+        if reserve is False:
+            return Spend(d, None, usd, approval)
+        res = self._spend_reserve(agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry)
+        return self._spend_bound(d, res, usd, approval)
+
+    async def admit_spend_async(self, agent: AgentRecord, action: str, attrs: dict[str, Any], *, usd: int,
+                                tokens: int, model: str, ttl_s: float, approval_id: str | None = None,
+                                limits: list[Limit] | None = None, reserve: bool | None = True,
+                                on_expiry: str = "release") -> Spend:
+        """`admit_spend` for a caller on the event loop. A ledger across the network (PostgreSQL) is
+        asked from a worker thread: its round trips, and the row locks another daemon's reservations
+        hold, would otherwise stall every request this daemon serves meanwhile. The local SQLite
+        ledger is asked inline, where a thread hop would cost more than the reservation."""
+        if not self.ledger.remote:
+            return self.admit_spend(agent, action, attrs, usd=usd, tokens=tokens, model=model, ttl_s=ttl_s,
+                                    approval_id=approval_id, limits=limits, reserve=reserve, on_expiry=on_expiry)
+        d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
+        if reserve is False:
+            return Spend(d, None, usd, approval)
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._spend_reserve, agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry))
+        try:
+            res = await asyncio.shield(work)
+        except asyncio.CancelledError:  # the caller is gone: whatever the thread reserves goes back
+            work.add_done_callback(self._release_orphan)
+            raise
+        return self._spend_bound(d, res, usd, approval)
+
+    def _release_orphan(self, work: asyncio.Future[Reservation | None]) -> None:
+        if work.cancelled() or work.exception() is not None or work.result() is None:
+            return
+        res = work.result()
+        assert res is not None
+        asyncio.get_running_loop().run_in_executor(None, self.ledger.release, res.id)
+
+    async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:
+        """`ledger.release` for a caller on the event loop (see `admit_spend_async`)."""
+        if self.ledger.remote:
+            await asyncio.to_thread(self.ledger.release, reservation_id, agent_id=agent_id)
+        else:
+            self.ledger.release(reservation_id, agent_id=agent_id)
+
+    def _spend_decision(self, agent: AgentRecord, action: str, attrs: dict[str, Any], usd: int,
+                        approval_id: str | None) -> tuple[Decision, Approval | None]:
+        """Policy, approval and the tier's cap: the decision, and the approval that lets it through."""
         d = self.evaluate(agent, action, attrs)
         if d.effect == DENY:
             raise SpendRefused(POLICY_DENIED, d.reason, "action", d, {"decision": d.to_dict()})
@@ -281,20 +328,27 @@ class Governance:
         if cap is not None and usd > cap * MICRO:
             raise SpendRefused(BUDGET_EXCEEDED, f"one {d.tier} action may reserve at most ${cap:g}; asked ${usd / MICRO:g}",
                                f"tier_cap:{d.tier}", d, {"asked": usd, "cap": int(cap * MICRO), "tier": d.tier})
-        if reserve is False:
-            return Spend(d, None, usd, approval)
+        return d, approval
+
+    def _spend_reserve(self, agent: AgentRecord, action: str, d: Decision, usd: int, tokens: int, model: str,
+                       ttl_s: float, limits: list[Limit] | None, reserve: bool | None,
+                       on_expiry: str) -> Reservation | None:
+        """The ledger's part (on a worker thread for a remote ledger): None when nothing is to be reserved."""
         limits = self.limits_for(agent) if limits is None else limits
         if reserve is None and not limits:
-            return Spend(d, None, usd, approval)
+            return None
         try:
-            res = self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens, limits=limits,
-                                      model=model, action=action, ttl_s=ttl_s, on_expiry=on_expiry)
+            return self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens, limits=limits,
+                                       model=model, action=action, ttl_s=ttl_s, on_expiry=on_expiry)
         except CharterError as exc:
             if exc.code != BUDGET_EXCEEDED:
                 raise
             msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
             raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
-        if approval is not None and approval.window_until is None:
+
+    def _spend_bound(self, d: Decision, res: Reservation | None, usd: int, approval: Approval | None) -> Spend:
+        """A one-shot approval is spent on this reservation, exactly once."""
+        if res is not None and approval is not None and approval.window_until is None:
             try:
                 approval = self.approvals.bind_reservation(approval.id, res.id)
             except CharterError as exc:  # spent meanwhile by a concurrent reservation: give this one back
@@ -345,8 +399,9 @@ class Governance:
         attrs = {"provider": provider, "model": name, "paid": paid, "amount_usd": usd / MICRO,
                  "tokens": tokens_in + max_out}
         try:
-            spend = self.admit_spend(agent, action, attrs, usd=usd, tokens=tokens_in + max_out, model=model,
-                                     ttl_s=self._ttl(req.get("ttl_s")), approval_id=approval_id)
+            spend = await self.admit_spend_async(agent, action, attrs, usd=usd, tokens=tokens_in + max_out,
+                                                 model=model, ttl_s=self._ttl(req.get("ttl_s")),
+                                                 approval_id=approval_id)
         except SpendRefused as err:
             d = err.decision
             if err.code == BUDGET_EXCEEDED:
@@ -410,9 +465,10 @@ class Governance:
             except (TypeError, ValueError, OverflowError):
                 raise CharterError(BAD_REQUEST, "usd is a finite number of dollars", "usd") from None
         else:
-            model = self.ledger.reservation_model(rid)
+            model = await self._ask(self.ledger.reservation_model, rid)
             usd = self.prices.price(model).cost_micros(tokens_in, tokens_out) if model else 0
-        s = self.ledger.settle(rid, usd=usd, tokens_in=tokens_in, tokens_out=tokens_out, agent_id=agent.id)
+        s = await self._ask(self.ledger.settle, rid, usd=usd, tokens_in=tokens_in, tokens_out=tokens_out,
+                            agent_id=agent.id)
         await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "settled",
                                                          "reservation_id": rid, "usd_micros": usd,
                                                          "tokens_in": tokens_in, "tokens_out": tokens_out,
@@ -420,11 +476,17 @@ class Governance:
         await self.publish_alerts(agent, s.alerts)
         return {"reservation_id": rid, "usd": usd / MICRO, "tokens": s.tokens, "overrun": s.overrun, "late": s.late}
 
-    def release(self, agent: AgentRecord, rid: Any) -> dict[str, Any]:
+    async def release(self, agent: AgentRecord, rid: Any) -> dict[str, Any]:
         if not isinstance(rid, str):
             raise CharterError(BAD_REQUEST, "reservation_id is required", "reservation_id")
-        self.ledger.release(rid, agent_id=agent.id)
+        await self.release_async(rid, agent.id)
         return {"reservation_id": rid, "released": True}
+
+    async def _ask(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """One ledger call from the event loop: off it for a remote ledger (see `admit_spend_async`)."""
+        if self.ledger.remote:
+            return await asyncio.to_thread(fn, *args, **kw)
+        return fn(*args, **kw)
 
     def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
         usage = self.ledger.usage(self.limits_for(agent))

@@ -22,6 +22,11 @@ turn of the loop. A settlement that fails (a reservation unknown or closed alrea
 error) is logged with its reservation and agent, never raised into an answer sent already; its
 reservation, still held, is booked in full at its expiry too. Overrun alerts are published once
 booked. `drain` books whatever is queued (shutdown).
+
+A remote ledger (PostgreSQL, `ledger.remote`) is booked from a worker thread instead, a slice at a
+time: a round trip, or a usage row that another daemon's reservation holds locked, then keeps one
+booking waiting, not the loop and every request on it. A budget read right after an answer may
+then find its reservation still held (more spent than there was, never less).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ Publish = Callable[[AgentRecord, list[dict[str, Any]]], Awaitable[None]]
 
 
 class BatchLedger(Protocol):
+    remote: bool
+
     def settle_batch(self, items: Sequence[SettleItem], now: int | None = None) -> list[Settlement | Exception]: ...
 
 
@@ -52,6 +59,7 @@ class DeferredSettlements:
         self.max_batch = max_batch
         self._pending: list[tuple[SettleItem, AgentRecord]] = []
         self._handle: asyncio.Handle | None = None
+        self._remote: asyncio.Task[None] | None = None  # a remote ledger's booking, on a worker thread
         self._alerts: set[asyncio.Task[None]] = set()
         self.booked = 0
         self.failed = 0
@@ -77,9 +85,30 @@ class DeferredSettlements:
     def _next_turn(self) -> None:
         """One slice per turn of the loop: requests in flight get the loop between two slices."""
         self._handle = None
+        if self._ledger.remote:  # PostgreSQL: booked from a worker thread, one slice at a time
+            if self._remote is None:
+                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+            return
         self._book_slice(True)
         if self._pending:
             self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    async def _book_remote(self) -> None:
+        """A remote ledger's slices, each from a worker thread: its round trips (and a row lock that
+        another daemon holds) never stall the loop. Until booked, a reservation stays held."""
+        try:
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                del self._pending[:self.max_batch]
+                try:
+                    results = await asyncio.to_thread(self._ledger.settle_batch, [item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - the answers are out; what is left is to say so
+                    for item, agent in batch:
+                        self._fail(item, agent, f"{type(exc).__name__}: {exc}")
+                    continue
+                self._booked(batch, results, True)
+        finally:
+            self._remote = None
 
     def _book_slice(self, publish: bool) -> None:
         batch = self._pending[:self.max_batch]
@@ -93,6 +122,10 @@ class DeferredSettlements:
             for item, agent in batch:
                 self._fail(item, agent, f"{type(exc).__name__}: {exc}")
             return
+        self._booked(batch, results, publish)
+
+    def _booked(self, batch: list[tuple[SettleItem, AgentRecord]], results: list[Settlement | Exception],
+                publish: bool) -> None:
         for (item, agent), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 why = result.message if isinstance(result, CharterError) else f"{type(result).__name__}: {result}"
@@ -124,6 +157,8 @@ class DeferredSettlements:
 
     async def drain(self) -> None:
         """Book what is queued and publish its alerts (shutdown, or a caller that needs it booked)."""
+        if self._remote is not None:
+            await asyncio.shield(self._remote)
         self.flush()
         while self._alerts:
             await asyncio.gather(*list(self._alerts), return_exceptions=True)

@@ -271,6 +271,8 @@ class Ledger:
     (`background_checkpoints=False` leaves it to SQLite's inline backstop).
     """
 
+    remote = False  # a local file: asked inline, even from the event loop (a thread hop costs more)
+
     def __init__(self, path: Path, *, timezone: str = "UTC", synchronous: str = "normal",
                  background_checkpoints: bool = True) -> None:
         self.path = path

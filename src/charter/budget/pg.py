@@ -14,7 +14,9 @@ the reservation's transaction). A deadlock or serialization failure (which that 
 never produce) is retried. Settling books the real use, an overrun included, exactly as the SQLite
 ledger does (see charter.budget.ledger).
 
-Connections: a small pool per process (default 4), shared by threads.
+Connections: a small pool per process (default 4), shared by threads. `remote` tells the daemon's
+callers on the event loop to ask from worker threads (`Governance.admit_spend_async`, the deferred
+settlements), so that a round trip, or a row lock held by another daemon, never stalls the loop.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def _now() -> int:
 
 class PgLedger:
     """`Ledger` on PostgreSQL. `dsn` is a libpq connection string (`host=... dbname=... user=...`)."""
+
+    remote = True  # across the network: asked from worker threads by callers on the event loop
 
     def __init__(self, dsn: str, *, timezone: str = "UTC", pool_size: int = 4, create: bool = True) -> None:
         import psycopg

@@ -112,9 +112,9 @@ class CallGovernor:
         try:
             # Held until settled; if this daemon dies first, the call may have been billed, so its
             # expiry books the whole reservation rather than giving it back.
-            spend = gov.admit_spend(self.agent, "model.call", attrs, usd=usd, tokens=est_in + max_out, model=ref,
-                                    ttl_s=self.gw.node.config.models.timeouts.total + 60,
-                                    reserve=False if degraded else None, on_expiry="book")
+            spend = await gov.admit_spend_async(self.agent, "model.call", attrs, usd=usd, tokens=est_in + max_out,
+                                                model=ref, ttl_s=self.gw.node.config.models.timeouts.total + 60,
+                                                reserve=False if degraded else None, on_expiry="book")
         except SpendRefused as err:
             d = err.decision
             if err.code == BUDGET_EXCEEDED:
@@ -138,7 +138,7 @@ class CallGovernor:
                 await gov.publish_alerts(self.agent, res.alerts)
         except BaseException:  # nothing was sent upstream: the money goes back, not to its expiry's booking
             if res is not None:
-                gov.ledger.release(res.id, agent_id=self.agent.id)
+                await gov.release_async(res.id, self.agent.id)
             raise
         self.decisions.append(entry)
         if res is None:  # no budget applies: the request keeps its own limit, or none
@@ -168,7 +168,7 @@ class CallGovernor:
 
     async def release(self, adm: Admission) -> None:
         if adm.reservation_id:
-            self.gw.node.gov.ledger.release(adm.reservation_id, agent_id=self.agent.id)
+            await self.gw.node.gov.release_async(adm.reservation_id, self.agent.id)
 
 
 class Gateway:

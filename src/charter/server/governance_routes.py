@@ -88,7 +88,7 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
     async def release(request: Request) -> Response:
         body = await request.body()
         who = await caller(request, body)
-        return _json(gov.release(who, _object(body).get("reservation_id")))
+        return _json(await gov.release(who, _object(body).get("reservation_id")))
 
     # -- operator side -----------------------------------------------------------------------
 
