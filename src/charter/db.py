@@ -29,8 +29,8 @@ def connect(path: Path, *, synchronous: str = "normal", readonly: bool = False) 
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
-        # Every connection that writes charter.db shares one WAL. The daemon's log checkpoints it in a
-        # background thread (bus/log/sqlite.py); a writer's own automatic checkpoint, which runs inline
+        # Every connection that writes a file shares its WAL. The daemon checkpoints charter.db's and
+        # budget.db's in background threads (`Checkpointer`); a writer's own automatic checkpoint, which runs inline
         # in the COMMIT that crosses the threshold (fsyncs included), stays only as a backstop, on
         # every connection alike: at SQLite's default of 1000 pages the ledger's commits on priced
         # model calls crossed it several times a second and stalled the event loop for milliseconds.

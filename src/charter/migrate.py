@@ -97,6 +97,7 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
     import psycopg
 
     from charter.budget.pg import PgLedger
+    from charter.budget.ledger import Ledger
     from charter.budget.relocate import move_ledger
     from charter.db import connect, select_list
     from charter.identity.registry_pg import PgRegistry
@@ -109,6 +110,7 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
     moved = move_ledger(home.db_path, home.budget_db_path)  # a home from before budget.db: its ledger first
     if moved:
         say(f"  the ledger moved from {home.db_path.name} to {home.budget_db_path.name} first ({moved} rows)")
+    Ledger(home.budget_db_path, background_checkpoints=False).close()  # a home that never had a ledger
     registry = connect(home.db_path, readonly=True)
     ledger = connect(home.budget_db_path, readonly=True)
     out: dict[str, Any] = {"tables": {}}

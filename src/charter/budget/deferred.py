@@ -157,7 +157,7 @@ class DeferredSettlements:
 
     async def drain(self) -> None:
         """Book what is queued and publish its alerts (shutdown, or a caller that needs it booked)."""
-        if self._remote is not None:
+        while self._remote is not None:  # (a slice queued meanwhile may start another)
             await asyncio.shield(self._remote)
         self.flush()
         while self._alerts:

@@ -193,7 +193,7 @@ def _unhold(db: Any, charges: str, *, book: bool = False) -> None:
 
 
 def _add_on_expiry(db: Any) -> None:
-    """A charter.db from before `on_expiry`: add the column (its reservations all give money back)."""
+    """A ledger from before `on_expiry`: add the column (its reservations all give money back)."""
     if "on_expiry" in {r[1] for r in db.execute("PRAGMA table_info(reservations)")}:
         return
     try:

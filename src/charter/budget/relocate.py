@@ -1,13 +1,13 @@
 """A ledger kept in charter.db by an older Charter, moved once into budget.db.
 
 The ledger's tables used to live in charter.db beside the log (see `Ledger` for why they no longer
-do). The first opening by this version copies them, row ids included, into budget.db in one
+do). The first opening by this version copies them, spend ids included, into budget.db in one
 transaction that also records the move (`ledger_meta.moved_from`), then drops them from charter.db
 in a second. A crash between the two leaves both copies; the next opening finds the record, checks
 that charter.db holds nothing budget.db lacks, and finishes the drop.
 
-Both files' ledger locks are held throughout, so no writer of either can book between the copy
-and the drop. A daemon of the older version still running on this home afterwards finds its tables
+charter.db's ledger lock is held throughout (budget.db's during the copy), so no older writer of
+charter.db can book between the copy and the drop. A daemon of the older version still running on this home afterwards finds its tables
 gone and fails its reservations (closed), rather than spending against an empty budget. Should
 charter.db hold ledger rows that budget.db lacks while budget.db holds a ledger already, the move
 stops with an error naming both files: nothing is dropped, nothing is merged by guess.

@@ -72,7 +72,7 @@ def migrate_command(
                                         "and the budget ledger to PostgreSQL (store.backend = postgres).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")] = False,
 ) -> None:
-    """Move charter.db's log onto NATS, its registry and ledger onto PostgreSQL, as charter.toml says; verify after."""
+    """Move the log onto NATS, the registry and the budget ledger onto PostgreSQL, as charter.toml says; verify after."""
     from charter.cli.common import err, fail
     from charter.errors import CharterError
     from charter.migrate import migrate_log, migrate_store
