@@ -62,10 +62,11 @@ def progress(msg: str) -> None:
 
 
 class BusyTimeoutLedger(Ledger):
-    """The ledger without the flock: concurrent writers wait in SQLite's busy handler."""
+    """The ledger without the flock: concurrent writers wait in SQLite's busy handler. All else
+    as the ledger does it, the background checkpoints included, so that only the lock differs."""
 
     @contextmanager
-    def _txn(self) -> Iterator[Any]:
+    def _txn(self, *, limits_changed: bool = False) -> Iterator[Any]:
         with self._thread_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -74,6 +75,7 @@ class BusyTimeoutLedger(Ledger):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._after_commit(limits_changed)
 
 
 LEDGERS: dict[str, type[Ledger]] = {"flock": Ledger, "busy_timeout": BusyTimeoutLedger}

@@ -128,3 +128,73 @@ async def test_a_call_cancelled_while_its_reservation_waits_gives_the_money_back
             break
         await asyncio.sleep(0.05)
     assert states == ["released", "released"]
+
+
+async def test_a_loop_shut_down_while_a_reservation_waits_gives_the_money_back(
+        on_pg: tuple[Node, Any, str]) -> None:
+    """The daemon stops while a reservation waits for a row lock: `asyncio.run` cancels every task,
+    the thread's own included, and then runs no more callbacks. The thread reserves once the lock is
+    free, finds its caller gone, and releases it itself."""
+    node, agent, dsn = on_pg
+    gov = node.gov
+    attrs = {"provider": "openai", "backend": "openai", "model": "gpt-4o-mini", "paid": True, "amount_usd": 0.001,
+             "tokens": 100}
+
+    async def stopping_daemon() -> None:
+        asyncio.ensure_future(gov.admit_spend_async(agent, "model.call", attrs, usd=1_000, tokens=100,
+                                                    model="openai/gpt-4o-mini", ttl_s=600, on_expiry="book"))
+        await asyncio.sleep(0.3)  # waiting on the lock; returning now shuts this loop down
+
+    first = await gov.admit_spend_async(agent, "model.call", attrs, usd=1_000, tokens=100, model="openai/gpt-4o-mini",
+                                        ttl_s=600)  # the usage row, for the lock to hold
+    assert first.reservation is not None
+    await gov.release_async(first.reservation.id)
+    lock = RowLock(dsn, agent.id)
+    try:
+        stopping = asyncio.ensure_future(asyncio.to_thread(asyncio.run, stopping_daemon()))
+        await ticks_while(stopping, 0.5)  # asyncio.run waits for its executor's thread, held by the lock
+    finally:
+        lock.release()
+    await asyncio.wait_for(stopping, 10)
+    deadline = time.monotonic() + 10
+    states: list[str] = []
+    while time.monotonic() < deadline:
+        with psycopg.connect(dsn) as c:
+            states = [s for (s,) in c.execute("SELECT state FROM reservations WHERE agent_id = %s "
+                                              "ORDER BY created_at, id", (agent.id,))]
+        if states == ["released", "released"]:
+            break
+        await asyncio.sleep(0.05)
+    assert states == ["released", "released"]  # the second not "held", to be booked in full at its expiry
+    [row] = gov.ledger.usage([Limit(f"agent:{agent.id}", "usd", "day", 10_000_000)])
+    assert (row["reserved"], row["committed"]) == (0, 0)
+
+
+async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[Node, Any, str]) -> None:
+    """The node's sweep, every second, takes the usage rows of expired reservations FOR UPDATE:
+    with another daemon holding them, the sweep waits, not every request."""
+    node, agent, dsn = on_pg
+    gov = node.gov
+    attrs = {"provider": "openai", "backend": "openai", "model": "gpt-4o-mini", "paid": True, "amount_usd": 0.001,
+             "tokens": 100}
+    spend = await gov.admit_spend_async(agent, "model.call", attrs, usd=1_000, tokens=100,
+                                        model="openai/gpt-4o-mini", ttl_s=0.05)
+    assert spend.reservation is not None
+    await asyncio.sleep(0.1)  # expired, for the next sweep to give back
+    lock = RowLock(dsn, agent.id)
+    try:
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert await ticks_while(never, 2.5) >= 150  # two sweeps came due; at least 60% of 250 ticks
+        with psycopg.connect(dsn) as c:
+            [(state,)] = c.execute("SELECT state FROM reservations WHERE id = %s", (spend.reservation.id,))
+        assert state == "held"  # the sweep is waiting for the lock
+    finally:
+        lock.release()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with psycopg.connect(dsn) as c:
+            [(state,)] = c.execute("SELECT state FROM reservations WHERE id = %s", (spend.reservation.id,))
+        if state != "held":
+            break
+        await asyncio.sleep(0.05)
+    assert state == "expired"

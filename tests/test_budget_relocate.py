@@ -22,6 +22,7 @@ from charter.config import Home
 from charter.errors import CONFLICT, CharterError
 from conftest import make_home
 
+OLD_SCHEMA = (Path(__file__).parent / "golden" / "ledger_schema_36415ef.sql").read_text()
 NOW = 1_775_000_000_000  # a fixed instant (ms), inside one UTC day
 LIMITS = [Limit("global", "usd", "day", 10_000_000), Limit("agent:agt_a", "tokens", "day", 1_000_000)]
 
@@ -32,7 +33,8 @@ def older_home(root: Path) -> tuple[Home, dict[str, str]]:
     in flight when that daemon stopped, to be booked in full at its expiry)."""
     home = make_home(root)
     home.budget_db_path.unlink()
-    old = Ledger(home.db_path, background_checkpoints=False)
+    old_schema(home.db_path)
+    old = Ledger(home.db_path, background_checkpoints=False)  # writes its rows into the older tables
     for lim in LIMITS:
         old.set_limit(lim)
     settled = old.reserve(agent_id="agt_a", role="worker", usd=5_000, tokens=300, limits=LIMITS, now=NOW)
@@ -42,7 +44,21 @@ def older_home(root: Path) -> tuple[Home, dict[str, str]]:
     held = old.reserve(agent_id="agt_a", role="worker", usd=9_000, tokens=400, limits=LIMITS, on_expiry="book",
                        ttl_s=120, now=NOW + 4)
     old.close()
+    as_it_was(home.db_path)
     return home, {"settled": settled.id, "released": released.id, "held": held.id}
+
+
+def old_schema(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.close()
+
+
+def as_it_was(path: Path) -> None:
+    """Take away what a Ledger of this version adds to the older tables: its index, its meta table."""
+    db = sqlite3.connect(path)
+    db.executescript("DROP INDEX reservations_held_expiry; DROP TABLE ledger_meta;")
+    db.close()
 
 
 def rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -58,6 +74,10 @@ def test_an_older_homes_ledger_moves_into_budget_db_exactly(tmp_path: Path) -> N
     home, ids = older_home(tmp_path / "home")
     before = rows(home.db_path)
     assert len(before["reservations"]) == 3 and len(before["spend"]) == 1
+    db = sqlite3.connect(home.db_path)
+    schema = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'reservations%'").fetchall())
+    db.close()
+    assert "WITHOUT ROWID" not in schema["reservations"] and "reservations_held" in schema  # the older layout
 
     ledger = open_ledger(home, home.load_config())
     try:
@@ -101,6 +121,59 @@ def test_a_move_cut_short_between_copy_and_drop_is_finished(tmp_path: Path) -> N
     restore(home, before)  # the state the kill would have left
     assert move_ledger(home.db_path, home.budget_db_path) == 0
     assert rows(home.db_path) == {} and rows(home.budget_db_path) == before
+
+
+def test_rows_changed_in_charter_db_after_a_move_cut_short_stop_it(tmp_path: Path) -> None:
+    """Cut short, then an older daemon released a reservation in charter.db: same ids in both files,
+    but dropping charter.db's tables would lose that release."""
+    home, ids = older_home(tmp_path / "home")
+    before = rows(home.db_path)
+    move_ledger(home.db_path, home.budget_db_path)
+    restore(home, before)
+    stale = Ledger(home.db_path, background_checkpoints=False)
+    stale.release(ids["held"], now=NOW + 5)
+    stale.close()
+    as_it_was(home.db_path)
+    changed = rows(home.db_path)
+    with pytest.raises(CharterError) as exc:
+        move_ledger(home.db_path, home.budget_db_path)
+    assert exc.value.code == CONFLICT and "changed after the ledger moved" in exc.value.message
+    assert rows(home.db_path) == changed and rows(home.budget_db_path) == before  # nothing dropped, nothing merged
+
+
+def test_a_move_recorded_without_a_digest_is_finished_by_its_ids(tmp_path: Path) -> None:
+    """A move cut short by the version before the digest: its record has none, and the ids decide."""
+    home, _ = older_home(tmp_path / "home")
+    before = rows(home.db_path)
+    move_ledger(home.db_path, home.budget_db_path)
+    db = sqlite3.connect(home.budget_db_path)
+    with db:
+        db.execute("UPDATE ledger_meta SET value = json_remove(value, '$.sha256') WHERE key = 'moved_from'")
+    db.close()
+    restore(home, before)
+    assert move_ledger(home.db_path, home.budget_db_path) == 0
+    assert rows(home.db_path) == {} and rows(home.budget_db_path) == before
+
+
+def test_the_copy_is_durable_before_charter_db_lets_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """budget.db's directory entry is synced to disk while charter.db still holds the tables: a power
+    cut at any moment leaves at least one whole ledger."""
+    home, _ = older_home(tmp_path / "home")
+    before = rows(home.db_path)
+    seen: list[tuple[bool, dict[str, list[tuple[object, ...]]]]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.samestat(os.fstat(fd), home.root.stat()):
+            seen.append((bool(rows(home.db_path)), rows(home.budget_db_path)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    move_ledger(home.db_path, home.budget_db_path)
+    assert seen == [(True, before)]
+    db = sqlite3.connect(home.budget_db_path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
 
 
 def test_rows_written_to_charter_db_after_the_move_stop_it_and_nothing_is_dropped(tmp_path: Path) -> None:
@@ -197,7 +270,7 @@ def test_the_ledger_checkpoints_its_wal_in_the_background(tmp_path: Path) -> Non
 
 def restore(home: Home, before: dict[str, list[tuple[object, ...]]]) -> None:
     """Put the ledger tables back into charter.db with these rows."""
-    Ledger(home.db_path, background_checkpoints=False).close()  # the schema, as the older version had it
+    old_schema(home.db_path)
     db = sqlite3.connect(home.db_path)
     with db:
         for table, found in before.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
+from charter.budget.handoff import ReservationHandoff, release_in_thread
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
 from charter.budget.prices import FREE, MICRO, Price, PriceTable
@@ -285,21 +286,15 @@ class Governance:
         d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
         if reserve is False:
             return Spend(d, None, usd, approval)
-        work = asyncio.ensure_future(asyncio.to_thread(
-            self._spend_reserve, agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry))
+        handoff = ReservationHandoff(self.ledger.release)
         try:
-            res = await asyncio.shield(work)
+            res = await asyncio.to_thread(handoff.run, self._spend_reserve, agent, action, d, usd, tokens, model,
+                                          ttl_s, limits, reserve, on_expiry)
         except asyncio.CancelledError:  # the caller is gone: whatever the thread reserves goes back
-            work.add_done_callback(self._release_orphan)
+            handoff.abandon()
             raise
-        return self._spend_bound(d, res, usd, approval)
-
-    def _release_orphan(self, work: asyncio.Future[Reservation | None]) -> None:
-        if work.cancelled() or work.exception() is not None or work.result() is None:
-            return
-        res = work.result()
-        assert res is not None
-        asyncio.get_running_loop().run_in_executor(None, self.ledger.release, res.id)
+        return self._spend_bound(d, res, usd, approval,
+                                 release=lambda rid: release_in_thread(self.ledger.release, rid))
 
     async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:
         """`ledger.release` for a caller on the event loop (see `admit_spend_async`)."""
@@ -346,13 +341,15 @@ class Governance:
             msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
             raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
 
-    def _spend_bound(self, d: Decision, res: Reservation | None, usd: int, approval: Approval | None) -> Spend:
-        """A one-shot approval is spent on this reservation, exactly once."""
+    def _spend_bound(self, d: Decision, res: Reservation | None, usd: int, approval: Approval | None,
+                     release: Callable[[str], None] | None = None) -> Spend:
+        """A one-shot approval is spent on this reservation, exactly once. `release` gives the
+        reservation back when it cannot be (the ledger's own, inline, unless given)."""
         if res is not None and approval is not None and approval.window_until is None:
             try:
                 approval = self.approvals.bind_reservation(approval.id, res.id)
             except CharterError as exc:  # spent meanwhile by a concurrent reservation: give this one back
-                self.ledger.release(res.id)
+                (release or self.ledger.release)(res.id)
                 raise SpendRefused(exc.code, exc.message, exc.where, d, {"decision": d.to_dict()}) from None
         return Spend(d, res, usd, approval)
 
@@ -465,9 +462,9 @@ class Governance:
             except (TypeError, ValueError, OverflowError):
                 raise CharterError(BAD_REQUEST, "usd is a finite number of dollars", "usd") from None
         else:
-            model = await self._ask(self.ledger.reservation_model, rid)
+            model = await self.ask_ledger(self.ledger.reservation_model, rid)
             usd = self.prices.price(model).cost_micros(tokens_in, tokens_out) if model else 0
-        s = await self._ask(self.ledger.settle, rid, usd=usd, tokens_in=tokens_in, tokens_out=tokens_out,
+        s = await self.ask_ledger(self.ledger.settle, rid, usd=usd, tokens_in=tokens_in, tokens_out=tokens_out,
                             agent_id=agent.id)
         await self.emit(f"charter.budget.{agent.name}", {"agent_id": agent.id, "event": "settled",
                                                          "reservation_id": rid, "usd_micros": usd,
@@ -482,15 +479,29 @@ class Governance:
         await self.release_async(rid, agent.id)
         return {"reservation_id": rid, "released": True}
 
-    async def _ask(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """One ledger call from the event loop: off it for a remote ledger (see `admit_spend_async`)."""
+    async def ask_ledger(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A ledger call from the event loop: off it for a remote ledger (see `admit_spend_async`)."""
         if self.ledger.remote:
             return await asyncio.to_thread(fn, *args, **kw)
         return fn(*args, **kw)
 
-    def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
-        usage = self.ledger.usage(self.limits_for(agent))
+    async def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
+        """One agent's limits, with what is used and left, and where it may go when they are spent."""
+        usage = await self.ask_ledger(lambda: self.ledger.usage(self.limits_for(agent)))
         return {"agent_id": agent.id, "limits": usage, "free_models": self.free_models(agent)}
+
+    def budget_rows(self, agents: Iterable[AgentRecord]) -> list[dict[str, Any]]:
+        """Every limit in force with its use in the current period: those set, and each live agent's
+        charter defaults that no set limit overrides. On the event loop, use `budget_overview`."""
+        limits = self.ledger.limits()
+        for a in agents:
+            if a.status != "revoked":
+                explicit = {(lim.unit, lim.period) for lim in limits if lim.scope == f"agent:{a.id}"}
+                limits += [d for d in self.default_limits(a) if (d.unit, d.period) not in explicit]
+        return self.ledger.usage(limits)
+
+    async def budget_overview(self, agents: Iterable[AgentRecord]) -> list[dict[str, Any]]:
+        return await self.ask_ledger(self.budget_rows, list(agents))
 
 
 def _approval_event(a: Approval) -> dict[str, Any]:

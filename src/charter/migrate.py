@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from charter.budget.ledger import COLUMN_DEFAULTS
+from charter.budget.ledger import KEYS as LEDGER_KEYS
 from charter.budget.ledger import TABLES as LEDGER_TABLES
 from charter.bus.envelope import parse
 from charter.config import Home
@@ -121,8 +122,7 @@ def migrate_store(home: Home, say: Callable[[str], None] = lambda _: None) -> di
                 if pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
                     raise CharterError(CONFLICT, f"PostgreSQL table {table} is not empty; it was migrated "
                                        "already or belongs to another installation", "store.postgres_dsn")
-                order = {"spend": "id", "reservations": "id", "budget_limits": "scope, unit, period",
-                         "budget_usage": "scope, unit, period, period_key"}.get(table, "rowid")
+                order = LEDGER_KEYS.get(table, "rowid")
                 rows = src.execute(f"SELECT {select_list(src, table, cols, COLUMN_DEFAULTS)} FROM {table} "
                                    f"ORDER BY {order}").fetchall()
                 if rows:

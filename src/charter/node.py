@@ -146,7 +146,7 @@ class Node:
             await asyncio.sleep(every)
             try:
                 await self.gov.expire_due()
-                self.gov.ledger.sweep()
+                await self.gov.ask_ledger(self.gov.ledger.sweep)
             except Exception:  # noqa: BLE001 - keep sweeping; the next pass retries
                 log.exception("sweep failed")
 

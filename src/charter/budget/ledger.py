@@ -118,6 +118,8 @@ TABLES = {
                     "closed_at, on_expiry",
     "spend": "id, reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun",
 }
+KEYS = {"budget_limits": "scope, unit, period", "budget_usage": "scope, unit, period, period_key",
+        "reservations": "id", "spend": "id"}  # each table's key: the order a copy of it is read in
 COLUMN_DEFAULTS = {"on_expiry": "'release'"}  # for a table written before the column existed
 
 
@@ -327,12 +329,16 @@ class Ledger:
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
-                self._committed()
-                if limits_changed:
-                    count = int.from_bytes(self._limits_version() or b"\0", "big") + 1
-                    os.pwrite(self._lock_fd, count.to_bytes(8, "big"), 0)
+                self._after_commit(limits_changed)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _after_commit(self, limits_changed: bool) -> None:
+        """Wake the checkpointer; count a change of the limits (see `_txn`)."""
+        self._committed()
+        if limits_changed:
+            count = int.from_bytes(self._limits_version() or b"\0", "big") + 1
+            os.pwrite(self._lock_fd, count.to_bytes(8, "big"), 0)
 
     def _limits_version(self) -> bytes:
         return os.pread(self._lock_fd, 8, 0)

@@ -2,28 +2,33 @@
 
 The ledger's tables used to live in charter.db beside the log (see `Ledger` for why they no longer
 do). The first opening by this version copies them, spend ids included, into budget.db in one
-transaction that also records the move (`ledger_meta.moved_from`), then drops them from charter.db
-in a second. A crash between the two leaves both copies; the next opening finds the record, checks
-that charter.db holds nothing budget.db lacks, and finishes the drop.
+transaction that also records the move (`ledger_meta.moved_from`, with a digest of every row
+copied), makes that copy durable (fsync of the WAL and of the home directory), and only then drops
+the tables from charter.db in a second transaction. A crash between the two leaves both copies;
+the next opening finds the record, checks that charter.db's rows are still exactly those copied,
+and finishes the drop.
 
 charter.db's ledger lock is held throughout (budget.db's during the copy), so no older writer of
-charter.db can book between the copy and the drop. A daemon of the older version still running on this home afterwards finds its tables
-gone and fails its reservations (closed), rather than spending against an empty budget. Should
-charter.db hold ledger rows that budget.db lacks while budget.db holds a ledger already, the move
-stops with an error naming both files: nothing is dropped, nothing is merged by guess.
+charter.db can book between the copy and the drop. A daemon of the older version still running on
+this home afterwards finds its tables gone and fails its reservations (closed), rather than spending
+against an empty budget. Should charter.db hold ledger rows that budget.db lacks, or rows changed
+since they were copied, the move stops with an error naming both files: nothing is dropped, nothing
+is merged by guess.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from charter.budget.ledger import COLUMN_DEFAULTS, TABLES, Ledger
+from charter.budget.ledger import COLUMN_DEFAULTS, KEYS, TABLES, Ledger
 from charter.db import connect, select_list
 from charter.errors import CONFLICT, CharterError
 
@@ -41,6 +46,29 @@ def _ids(db: sqlite3.Connection, table: str) -> set[object]:
     return {r[0] for r in db.execute(f"SELECT id FROM {table}")}
 
 
+def _rows(db: sqlite3.Connection, present: list[str]) -> dict[str, list[tuple[object, ...]]]:
+    """Every present table's rows, in the current columns (defaults for older ones), in key order."""
+    return {t: db.execute(f"SELECT {select_list(db, t, TABLES[t], COLUMN_DEFAULTS)} FROM {t} "
+                          f"ORDER BY {KEYS[t]}").fetchall() for t in present}
+
+
+def _digest(rows: dict[str, list[tuple[object, ...]]]) -> str:
+    """What was copied, to recognise it again: a table with no rows counts as absent."""
+    h = hashlib.sha256()
+    for table in sorted(t for t, found in rows.items() if found):
+        h.update(json.dumps([table, rows[table]], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """A new file (budget.db, its WAL) survives a power cut only once its directory entry does."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def move_ledger(old: Path, new: Path) -> int:
     """Move the ledger tables from `old` (charter.db) into `new` (budget.db) if `old` still has
     them; returns how many rows were copied (0 when there was nothing to move)."""
@@ -56,11 +84,12 @@ def move_ledger(old: Path, new: Path) -> int:
             present = _tables(src)  # again, locked: another process starting at once may have moved them
             if not present:
                 return 0
-            ledger = Ledger(new, background_checkpoints=False)
+            ledger = Ledger(new, background_checkpoints=False, synchronous="full")  # the copy's COMMIT fsyncs
             try:
                 moved = _copy(src, present, ledger, old, new)
             finally:
                 ledger.close()
+            _fsync_dir(new.parent)  # before the drop: never a moment with no durable copy
             src.execute("BEGIN IMMEDIATE")
             try:
                 for table in [*present, "ledger_meta"]:  # (the last, only if a Ledger of this version made it)
@@ -81,18 +110,15 @@ def move_ledger(old: Path, new: Path) -> int:
 
 def _copy(src: sqlite3.Connection, present: list[str], ledger: Ledger, old: Path, new: Path) -> int:
     """Copy every present table's rows into the ledger, in one transaction with the record of the
-    move; or, when the record is there already (a move cut short), check there is nothing left to copy."""
+    move; or, when the record is there already (a move cut short), check that charter.db still holds
+    exactly the rows that were copied, so that the drop loses nothing."""
     with ledger._txn(limits_changed=True) as db:  # noqa: SLF001 - the ledger's own lock and transaction
         done = db.execute("SELECT value FROM ledger_meta WHERE key = ?", (MOVED,)).fetchone()
-        rows = {t: src.execute(f"SELECT {select_list(src, t, TABLES[t], COLUMN_DEFAULTS)} FROM {t}").fetchall()
-                for t in present}
+        rows = _rows(src, present)
         if not any(rows.values()):
             return 0
         if done is not None:
-            left = {t: len(_ids(src, t) - _ids(db, t)) if t in present else 0 for t in ("reservations", "spend")}
-            if any(left.values()):
-                _refuse(old, new, f"it has {left['reservations']} reservations and {left['spend']} spend rows "
-                        f"that {new.name} lacks, written after the ledger moved ({done[0]})")
+            _check_left(src, db, present, rows, json.loads(done[0]), old, new)
             return 0
         if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in TABLES):
             _refuse(old, new, f"{new.name} holds a ledger already")
@@ -102,8 +128,25 @@ def _copy(src: sqlite3.Connection, present: list[str], ledger: Ledger, old: Path
             db.executemany(f"INSERT INTO {table} ({TABLES[table]}) VALUES ({marks})", found)
             copied += len(found)
         db.execute("INSERT INTO ledger_meta VALUES (?, ?)",
-                   (MOVED, json.dumps({"path": str(old), "at_ms": time.time_ns() // 1_000_000, "rows": copied})))
+                   (MOVED, json.dumps({"path": str(old), "at_ms": time.time_ns() // 1_000_000, "rows": copied,
+                                       "sha256": _digest(rows)})))
         return copied
+
+
+def _check_left(src: sqlite3.Connection, db: sqlite3.Connection, present: list[str],
+                rows: dict[str, list[tuple[object, ...]]], moved: dict[str, object], old: Path, new: Path) -> None:
+    """Refuse unless what charter.db still holds is what was copied: a settlement, a release or a
+    limit that an older writer changed there after the copy would otherwise be dropped unseen."""
+    at = moved.get("at_ms")
+    when = "after the ledger moved" + (f" ({datetime.fromtimestamp(at / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+                                       if isinstance(at, int) else "")
+    left = {t: len(_ids(src, t) - _ids(db, t)) if t in present else 0 for t in ("reservations", "spend")}
+    if any(left.values()):
+        _refuse(old, new, f"it has {left['reservations']} reservations and {left['spend']} spend rows "
+                f"that {new.name} lacks, written {when}")
+    if "sha256" in moved and moved["sha256"] != _digest(rows):  # (a move by a version that kept no digest: ids only)
+        _refuse(old, new, f"its ledger rows were changed {when}: a settlement, release or limit that "
+                f"{new.name} does not have")
 
 
 def _refuse(old: Path, new: Path, why: str) -> None:

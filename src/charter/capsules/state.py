@@ -61,13 +61,8 @@ async def live_state(node: Node, *, events: int = 25) -> dict[str, Any]:
     gov = node.gov
     agents = node.registry.all()
     names = {a.id: a.name for a in agents}
-    limits = gov.ledger.limits()
-    for a in agents:
-        if a.status != "revoked":
-            explicit = {(lim.unit, lim.period) for lim in limits if lim.scope == f"agent:{a.id}"}
-            limits += [d for d in gov.default_limits(a) if (d.unit, d.period) not in explicit]
     budgets = []
-    for row in gov.ledger.usage(limits):
+    for row in await gov.budget_overview(agents):
         scale = 1e6 if row["unit"] == "usd" else 1
         budgets.append({"scope": row["scope"], "name": names.get(row["scope"][6:], row["scope"]),
                         "unit": row["unit"], "period": row["period"], "period_key": row["period_key"],
@@ -98,7 +93,7 @@ async def agent_state(node: Node, agent: AgentRecord, *, events: int = 25) -> di
     """Only what the agent's scoped view allows: its charter, its budget, events it may subscribe to."""
     gov = node.gov
     seq, _ = node.log.head_sync()
-    budget = gov.budget_view(agent)
+    budget = await gov.budget_view(agent)
     return {
         "generated_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "charter_version": __version__,

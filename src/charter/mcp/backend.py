@@ -196,7 +196,7 @@ class NodeBackend:
         return result
 
     async def budget(self) -> dict[str, Any]:
-        return self.node.gov.budget_view(self.rec)
+        return await self.node.gov.budget_view(self.rec)
 
     async def capsule(self) -> dict[str, Any]:
         capsules = getattr(self.node, "capsules", None)

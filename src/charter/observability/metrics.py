@@ -24,6 +24,7 @@ CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
 class _NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.budget_rows: list[dict[str, Any]] | None = None  # read beforehand, off the loop (`Metrics.scrape`)
 
     def collect(self) -> Iterator[Any]:
         node = self.node
@@ -55,13 +56,10 @@ class _NodeCollector(Collector):
                                  labels=["scope", "unit", "period"])
         left = GaugeMetricFamily("charter_budget_left", "What is left in the current period",
                                  labels=["scope", "unit", "period"])
-        limits = node.gov.ledger.limits()
-        for a in node.registry.all():
-            if a.status != "revoked":
-                explicit = {(lim.unit, lim.period) for lim in limits if lim.scope == f"agent:{a.id}"}
-                limits += [d for d in node.gov.default_limits(a) if (d.unit, d.period) not in explicit]
-        names = {f"agent:{a.id}": f"agent:{a.name}" for a in node.registry.all()}
-        for row in node.gov.ledger.usage(limits):
+        agents = node.registry.all()
+        names = {f"agent:{a.id}": f"agent:{a.name}" for a in agents}
+        rows = self.budget_rows if self.budget_rows is not None else node.gov.budget_rows(agents)
+        for row in rows:
             scale = 1e6 if row["unit"] == "usd" else 1
             labels = [names.get(row["scope"], row["scope"]), row["unit"], row["period"]]
             used.add_metric(labels, (row["committed"] + row["reserved"]) / scale)
@@ -96,8 +94,10 @@ def split_ref(ref: str | None) -> tuple[str, str]:
 
 class Metrics:
     def __init__(self, node: Node) -> None:
+        self.node = node
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_NodeCollector(node))
+        self._collector = _NodeCollector(node)
+        self.registry.register(self._collector)
         self.gateway_requests = Counter(
             "charter_gateway_requests",
             "Gateway calls by the backend and model that answered, and outcome (error: none completed the call)",
@@ -114,6 +114,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """`render` for the event loop: the budget rows, from a ledger that may be across the
+        network, are read first and off the loop; the rest is in memory or local."""
+        self._collector.budget_rows = await self.node.gov.budget_overview(self.node.registry.all())
+        try:
+            return self.render()
+        finally:
+            self._collector.budget_rows = None
 
     def call(self, ref: str | None, ok: bool, seconds: float, attempts: list[dict[str, Any]]) -> None:
         """One finished gateway call. `ref` is the `backend/model` that answered; a call that no

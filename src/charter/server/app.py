@@ -94,7 +94,7 @@ def create_app(node: Node, *, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.get("/metrics", tags=["daemon"], summary="Prometheus metrics")
     async def metrics() -> Response:
-        return Response(node.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        return Response(await node.metrics.scrape(), media_type=METRICS_CONTENT_TYPE)
 
     @app.exception_handler(CharterError)
     async def _charter_error(request: Request, exc: CharterError) -> Response:

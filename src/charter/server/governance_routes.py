@@ -70,7 +70,7 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
     @app.get("/v1/agent/budget", tags=["budget"], summary="The caller's limits, what is used and what is left")
     async def my_budget(request: Request) -> Response:
         who = await caller(request)
-        return _json(gov.budget_view(who))
+        return _json(await gov.budget_view(who))
 
     @app.post("/v1/agent/budget/reserve", tags=["budget"], summary="Reserve before a paid call")
     async def reserve(request: Request) -> Response:
@@ -139,13 +139,9 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
     @app.get("/v1/admin/budget", tags=["operator"], summary="Every limit with its use in the current period")
     async def budget(request: Request) -> Response:
         await operator(request)
-        limits = gov.ledger.limits()
-        for agent in node.registry.all():
-            if agent.status != "revoked":
-                explicit = {(lim.unit, lim.period) for lim in limits if lim.scope == f"agent:{agent.id}"}
-                limits += [d for d in gov.default_limits(agent) if (d.unit, d.period) not in explicit]
-        names = {f"agent:{a.id}": a.name for a in node.registry.all()}
-        rows = gov.ledger.usage(limits)
+        agents = node.registry.all()
+        names = {f"agent:{a.id}": a.name for a in agents}
+        rows = await gov.budget_overview(agents)
         for r in rows:
             r["name"] = names.get(r["scope"], r["scope"])
         return _json({"budgets": rows, "timezone": node.config.budget.timezone})
@@ -179,9 +175,9 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
             raise CharterError(BAD_REQUEST, f"soft_ratio {raw_soft!r} is not a number in (0, 1]", "soft_ratio") from None
         lim = Limit(scope, unit, period, hard, soft)
         if remove:
-            gov.ledger.remove_limit(lim.scope, lim.unit, lim.period)
+            await gov.ask_ledger(gov.ledger.remove_limit, lim.scope, lim.unit, lim.period)
         else:
-            gov.ledger.set_limit(lim)
+            await gov.ask_ledger(gov.ledger.set_limit, lim)
         await node.emit("charter.budget.limits", {**lim.to_dict(), "removed": remove})
         return _json(lim.to_dict())
 
@@ -211,7 +207,7 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
     async def budget_history(request: Request, by: str = "day", since_ms: int = 0, agent: str | None = None) -> Response:
         await operator(request)
         agent_id = node.registry.find(agent).id if agent else None
-        rows = gov.ledger.history(by=by, since_ms=since_ms, agent_id=agent_id)
+        rows = await gov.ask_ledger(gov.ledger.history, by=by, since_ms=since_ms, agent_id=agent_id)
         if by == "agent":
             names = {a.id: a.name for a in node.registry.all()}
             for r in rows:
