@@ -350,5 +350,42 @@ async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_e
         await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("api", APIS)
+async def test_an_agent_that_hangs_up_before_the_answer_begins_ends_the_call_and_pays_for_its_prompt(
+        spend: Spend, agent_clients: tuple[str, Clients], api: str, stream: bool) -> None:
+    """The backend is still reading the prompt (a second a token) when the agent hangs up. The call
+    ends then: the backend sees its request cancelled, and the chain is not walked on, onto the
+    paid backup, for nobody. Nothing of the answer went out, but the prompt did, and a paid API
+    bills a prompt it has read: the call is booked at its prompt's bound, and nothing stays held."""
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 5000)
+    before = (await standin(spend.fleet.primary, "state"))["cancelled"]
+    messages = [{"role": "user", "content": f"{LONG} hang up before the answer, {api} {stream}"}]
+    path, doc = (("/v1/chat/completions", {"model": "strict", "messages": messages, "stream": stream})
+                 if api == OPENAI else ("/api/chat", {"model": "strict", "messages": messages, "stream": stream}))
+    body = json.dumps(doc).encode()
+    host, port = spend.url.removeprefix("http://").split(":")
+    await standin(spend.fleet.primary, "config", {"prompt_delay": 1.0})  # seconds for each prompt token
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        await asyncio.sleep(0.5)  # inside the primary's first-token timeout (1.5 s)
+        writer.transport.abort()
+        event = await call_event(spend.fleet.daemon, messages, timeout=5.0)
+        assert event["error"] == "the client went away before the answer ended" and event["stream"] is stream
+        assert event["latency_ms"] < 1400  # at the hang-up, not at the first-token timeout
+        assert [d["ref"] for d in event["decisions"]] == ["primary/llama3.2:3b"]  # the backup was never asked
+        assert await wait_for(lambda: _cancelled_since(spend, before), 3.0, "the backend's request to end")
+        assert event["tokens_in"] > 0 and event["tokens_out"] == 0
+        use = await spend.usage(name, "tokens")
+        assert use["reserved"] == 0
+        assert use["committed"] == event["tokens_in"]
+    finally:
+        await standin(spend.fleet.primary, "config", {"prompt_delay": 0.00002})
+
+
 async def _cancelled_since(spend: Spend, before: int) -> bool | None:
     return (await standin(spend.fleet.primary, "state"))["cancelled"] > before or None

@@ -175,6 +175,7 @@ class Router:
                                   req.temperature, req.top_p, req.stop, req.seed, req.extra_options)
             got = ""
             final: Final | None = None
+            sent = False
             try:
                 first = await self._first_token_timeout(backend, model)
                 # Closed here, not left to the garbage collector: an async generator dropped half-way
@@ -182,6 +183,7 @@ class Router:
                 # and its HTTP response stays open until then.
                 async with aclosing(backend.stream(model, sub, first_token=first, idle=t.idle,
                                                    total=t.total)) as stream:
+                    sent = True
                     async for piece in stream:
                         if isinstance(piece, Final):
                             final = piece
@@ -206,8 +208,10 @@ class Router:
                         raise MidstreamError(attempts, str(err)) from None
                 continue
             except BaseException:
-                # The client went away (cancelled): give the money back, nothing to record.
-                if got:
+                # The client went away (cancelled), nothing to record. It pays for what went out,
+                # and, once the request was on its way, for its prompt: a backend that has read a
+                # prompt has done that work, and a paid API bills it, answer or not.
+                if sent or got:
                     await governor.settle(admission, None, got)
                 else:
                     await governor.release(admission)
@@ -252,8 +256,8 @@ class Router:
                 await self._record_failure(name, err)
                 attempts.append(Attempt(ref, "failed", str(err), (time.perf_counter() - started) * 1000))
                 continue
-            except BaseException:  # cancelled: as for a chat with nothing delivered, the money goes back
-                await governor.release(admission)  # (left held, its expiry would book all of it)
+            except BaseException:  # cancelled with the inputs sent: as for a chat, they are paid for
+                await governor.settle(admission, None, "")  # (left held, its expiry would book all of it)
                 raise
             await governor.settle(admission, Final("stop", tokens, 0), "")
             await self._record_success(name)

@@ -28,8 +28,9 @@ when `keep_alive` runs out (default 5m; a negative value never; `keep_alive: 0` 
 prompt unloads at once, `done_reason: "unload"`).
 
 Faults, set with `--fault MODE` at start or at run time with `POST /__standin/fault
-{"mode": MODE, "count": N | null, ...}` (`GET /__standin/state` shows the fault and request
-counts per path). They hit the inference routes (generate, chat, embed, embeddings and the /v1
+{"mode": MODE, "count": N | null, ...}` (`GET /__standin/state` shows the fault, request
+counts per path, and `cancelled`: requests whose client went away, whether during the load, the
+prompt or the tokens, as Ollama stops a request whose client disconnects). They hit the inference routes (generate, chat, embed, embeddings and the /v1
 ones); `/`, `/api/version`, `/api/tags`, `/api/ps` and `/api/show` keep answering, which is the
 health lie of ollama#1378 and #18213. `exit` and `refuse` take the whole port down:
 
@@ -548,7 +549,10 @@ class StandinOllama:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self._add_routes(app)
         self._add_control_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        # Ollama's server cancels a request's context when its client disconnects, and generation
+        # stops, even before the first token (ollama#1695); aiohttp does so only when asked.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                                     handler_cancellation=True)
         await self._runner.setup()
         self.port = port
         await self._listen()
@@ -1073,6 +1077,9 @@ class StandinOllama:
                 "context": plan.prompt_ids + [_token_id(p) for p in pieces],
             }
             yield ("done", stats)
+        except asyncio.CancelledError:
+            self.cancelled += 1  # the client went away while the model loaded, read or waited
+            raise
         finally:
             # A request that never finished leaves the model loaded with the default expiry.
             if self._loaded.get(name) == math.inf and not math.isinf(plan.keep_alive):

@@ -26,9 +26,12 @@ from charter.models.gateway import CallGovernor, Gateway
 from charter.models.router import AllFailed, CallResult, MidstreamError, UnknownModel
 from charter.models.types import ChatRequest, Final
 from charter.node import Node
+from charter.server.hangup import HangUpWatch
 from charter.server.streaming import WatchedStream
 
 OPENAI, OLLAMA = "openai", "ollama"
+
+WENT_AWAY = "the client went away before the answer ended"  # the call event's error
 
 
 def _iso_now() -> str:
@@ -158,34 +161,40 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
         gov = gateway.governor(agent, alias)
         started = time.perf_counter()
         pieces = router.chat(alias, chain, req, gov)
-        try:
-            first = await anext(pieces)
-        except AllFailed as failed:
-            await gateway.record(agent, api, alias, req, gov, None, started, stream=stream, error=str(failed),
-                                 attempts=failed.attempts)
-            return _error_response(api, _refusal(gov, failed))
-        except (MidstreamError, StopAsyncIteration) as exc:  # cannot happen before a first piece; be safe
-            return _error_response(api, ApiError(503, str(exc), "all_backends_failed", "api_error"))
+        text, result = "", None
+        async with HangUpWatch(request.receive) as hangup:  # until the stream begins, or the answer ends
+            try:
+                first = await anext(pieces)
+            except AllFailed as failed:
+                await gateway.record(agent, api, alias, req, gov, None, started, stream=stream, error=str(failed),
+                                     attempts=failed.attempts)
+                return _error_response(api, _refusal(gov, failed))
+            except (MidstreamError, StopAsyncIteration) as exc:  # cannot happen before a first piece; be safe
+                return _error_response(api, ApiError(503, str(exc), "all_backends_failed", "api_error"))
 
-        async def all_pieces() -> AsyncIterator[str | CallResult]:
-            yield first
-            async for p in pieces:
-                yield p
+            async def all_pieces() -> AsyncIterator[str | CallResult]:
+                yield first
+                async for p in pieces:
+                    yield p
 
+            if not stream:
+                try:
+                    async for p in all_pieces():
+                        if isinstance(p, CallResult):
+                            result = p
+                        else:
+                            text += p
+                except MidstreamError as exc:
+                    await gateway.record(agent, api, alias, req, gov, None, started, stream=False, error=exc.reason,
+                                         attempts=exc.attempts)
+                    return _error_response(api, ApiError(502, f"the answer broke off: {exc.reason}",
+                                                         "midstream_failure", "api_error"))
+        if hangup.gone:  # the router's call was cancelled with the handler, and settled what went out
+            await pieces.aclose()
+            await gateway.record(agent, api, alias, req, gov, None, started, stream=stream, error=WENT_AWAY)
+            return Response(status_code=499)  # (nobody reads it: nginx's code for a client that closed)
         model_name = data["model"]
         if not stream:
-            text, result = "", None
-            try:
-                async for p in all_pieces():
-                    if isinstance(p, CallResult):
-                        result = p
-                    else:
-                        text += p
-            except MidstreamError as exc:
-                await gateway.record(agent, api, alias, req, gov, None, started, stream=False, error=exc.reason,
-                                     attempts=exc.attempts)
-                return _error_response(api, ApiError(502, f"the answer broke off: {exc.reason}", "midstream_failure",
-                                                     "api_error"))
             assert result is not None
             # The answer's settlement is queued already (booked at the next turn of the loop); its
             # call event is queued once the body is sent and written with others a moment later, so
@@ -221,7 +230,7 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             if failed is not None:
                 error = failed.reason
             elif result is None:
-                error = "the client went away before the answer ended"
+                error = WENT_AWAY
             await gateway.record(agent, api, alias, req, gov, result, started, stream=True, error=error,
                                  attempts=failed.attempts if failed else None)
 
