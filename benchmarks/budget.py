@@ -29,6 +29,7 @@ the machine was busy and the absolute figures are low, so compare ratios across 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -75,7 +76,14 @@ class BusyTimeoutLedger(Ledger):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._after_commit(limits_changed)
+            if not limits_changed:
+                self._after_commit(False)
+                return
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # the limits counter's read-and-write, as the ledger's
+            try:
+                self._after_commit(True)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
 
 LEDGERS: dict[str, type[Ledger]] = {"flock": Ledger, "busy_timeout": BusyTimeoutLedger}

@@ -9,6 +9,7 @@ keeps turning for every other request. Skipped without PostgreSQL; failed under 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from charter.budget.deferred import DeferredSettlements
 from charter.budget.ledger import Limit
+from charter.errors import LEDGER_CLOSED, CharterError
 from charter.models.types import ChatRequest, Final
 from charter.node import Node
 from tests.conftest import make_home
@@ -27,23 +29,38 @@ pytestmark = pytest.mark.anyio
 psycopg = pytest.importorskip("psycopg")
 
 
-@pytest.fixture
-async def on_pg(tmp_path: Path, pg_dsn: str) -> AsyncIterator[tuple[Node, Any, str]]:
+ATTRS = {"provider": "openai", "backend": "openai", "model": "gpt-4o-mini", "paid": True, "amount_usd": 0.001,
+         "tokens": 100}
+
+
+async def node_on_pg(root: Path, dsn: str) -> tuple[Node, Any]:
     """A node whose governance books on PostgreSQL, and an agent with a daily USD limit there."""
     from charter.budget.pg import PgLedger
 
-    node = Node(make_home(tmp_path / "home"))
+    node = Node(make_home(root))
     await node.start()
     gov = node.gov
     gov.ledger.close()
-    gov.ledger = PgLedger(pg_dsn)
-    gov.settlements = DeferredSettlements(gov.ledger, gov.publish_alerts)
+    gov.ledger = PgLedger(dsn)
+    gov.settlements = DeferredSettlements(gov.ledger, gov.publish_alerts, in_thread=gov.ledger_threads.call)
+    agent = await enrol(node, "alice", "worker")
+    gov.ledger.set_limit(Limit(f"agent:{agent.id}", "usd", "day", 10_000_000))
+    return node, agent
+
+
+@pytest.fixture
+async def on_pg(tmp_path: Path, pg_dsn: str) -> AsyncIterator[tuple[Node, Any, str]]:
+    node, agent = await node_on_pg(tmp_path / "home", pg_dsn)
     try:
-        agent = await enrol(node, "alice", "worker")
-        gov.ledger.set_limit(Limit(f"agent:{agent.id}", "usd", "day", 10_000_000))
         yield node, agent, pg_dsn
     finally:
         await node.close()
+
+
+def states_of(dsn: str, agent_id: str) -> list[str]:
+    with psycopg.connect(dsn) as c:
+        return [s for (s,) in c.execute("SELECT state FROM reservations WHERE agent_id = %s "
+                                        "ORDER BY created_at, id", (agent_id,))]
 
 
 class RowLock:
@@ -132,13 +149,12 @@ async def test_a_call_cancelled_while_its_reservation_waits_gives_the_money_back
 
 async def test_a_loop_shut_down_while_a_reservation_waits_gives_the_money_back(
         on_pg: tuple[Node, Any, str]) -> None:
-    """The daemon stops while a reservation waits for a row lock: `asyncio.run` cancels every task,
-    the thread's own included, and then runs no more callbacks. The thread reserves once the lock is
-    free, finds its caller gone, and releases it itself."""
+    """The daemon's loop stops while a reservation waits for a row lock: `asyncio.run` cancels every
+    task, the thread's own included, and then runs no more callbacks. The thread reserves once the
+    lock is free, finds its caller gone, and releases it itself."""
     node, agent, dsn = on_pg
     gov = node.gov
-    attrs = {"provider": "openai", "backend": "openai", "model": "gpt-4o-mini", "paid": True, "amount_usd": 0.001,
-             "tokens": 100}
+    attrs = ATTRS
 
     async def stopping_daemon() -> None:
         asyncio.ensure_future(gov.admit_spend_async(agent, "model.call", attrs, usd=1_000, tokens=100,
@@ -151,11 +167,10 @@ async def test_a_loop_shut_down_while_a_reservation_waits_gives_the_money_back(
     await gov.release_async(first.reservation.id)
     lock = RowLock(dsn, agent.id)
     try:
-        stopping = asyncio.ensure_future(asyncio.to_thread(asyncio.run, stopping_daemon()))
-        await ticks_while(stopping, 0.5)  # asyncio.run waits for its executor's thread, held by the lock
+        await asyncio.wait_for(asyncio.to_thread(asyncio.run, stopping_daemon()), 10)  # that loop is gone
+        assert gov.ledger_threads.running == 1  # and its reservation still waits for the lock
     finally:
         lock.release()
-    await asyncio.wait_for(stopping, 10)
     deadline = time.monotonic() + 10
     states: list[str] = []
     while time.monotonic() < deadline:
@@ -168,6 +183,41 @@ async def test_a_loop_shut_down_while_a_reservation_waits_gives_the_money_back(
     assert states == ["released", "released"]  # the second not "held", to be booked in full at its expiry
     [row] = gov.ledger.usage([Limit(f"agent:{agent.id}", "usd", "day", 10_000_000)])
     assert (row["reserved"], row["committed"]) == (0, 0)
+
+
+async def test_a_daemon_closing_waits_for_a_reservation_on_a_row_lock_then_closes_the_ledger(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """`Node.close` while a cancelled call's reservation waits for another daemon's row lock: the
+    ledger is closed only after that thread has reserved and given the money back, not under its
+    transaction; a ledger call after that is refused with a clear error, not a broken pool."""
+    node, agent = await node_on_pg(tmp_path / "home", pg_dsn)
+    gov, ledger = node.gov, node.gov.ledger
+    first = await gov.admit_spend_async(agent, "model.call", ATTRS, usd=1_000, tokens=100,
+                                        model="openai/gpt-4o-mini", ttl_s=600)
+    assert first.reservation is not None
+    await gov.release_async(first.reservation.id)
+    lock = RowLock(pg_dsn, agent.id)
+    try:
+        waiting = asyncio.ensure_future(gov.admit_spend_async(agent, "model.call", ATTRS, usd=1_000, tokens=100,
+                                                              model="openai/gpt-4o-mini", ttl_s=600,
+                                                              on_expiry="book"))
+        await ticks_while(waiting, 0.2)
+        waiting.cancel()  # the request's task, as a stopping server cancels it
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        threading.Timer(0.5, lock.release).start()  # the other daemon commits while this one closes
+        started = time.monotonic()
+        closing = asyncio.ensure_future(node.close())
+        assert await ticks_while(closing, 0.3) >= 15  # close waits off the loop
+        await asyncio.wait_for(closing, 15)
+        assert time.monotonic() - started >= 0.45
+    finally:
+        if not lock.conn.closed:
+            lock.release()
+    assert states_of(pg_dsn, agent.id) == ["released", "released"]  # made, then given back; none held
+    with pytest.raises(CharterError) as exc:
+        ledger.usage([Limit(f"agent:{agent.id}", "usd", "day", 10_000_000)])
+    assert exc.value.code == LEDGER_CLOSED
 
 
 async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[Node, Any, str]) -> None:
@@ -198,3 +248,38 @@ async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[N
             break
         await asyncio.sleep(0.05)
     assert state == "expired"
+
+
+async def test_a_scrape_while_the_ledger_stalls_answers_without_the_budget_gauges(
+        on_pg: tuple[Node, Any, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL stops answering (here: a table locked by another session): /metrics still answers,
+    in time, with every other gauge and `charter_budget_read_ok 0`; scrapes meanwhile share the one
+    read in flight rather than queueing more behind it; the gauges return once the ledger does."""
+    import charter.observability.metrics as metrics
+
+    node, agent, dsn = on_pg
+    monkeypatch.setattr(metrics, "BUDGET_READ_WAIT", 0.3)
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE budget_limits IN ACCESS EXCLUSIVE MODE")
+
+    def waiting() -> int:
+        """Sessions waiting for the locked table: the scrapes' read, and any other reader's (a capsule)."""
+        return blocker.execute("SELECT count(*) FROM pg_locks WHERE relation = 'budget_limits'::regclass "
+                               "AND NOT granted").fetchall()[0][0]
+
+    try:
+        seen = []
+        for _ in range(4):
+            started = time.monotonic()
+            body = (await node.metrics.scrape()).decode()
+            assert time.monotonic() - started < 2
+            assert "charter_budget_read_ok 0.0" in body and "charter_budget_used{" not in body
+            assert "charter_log_head_seq" in body and 'charter_agents{status="active"}' in body
+            seen.append(waiting())
+        assert seen[0] >= 1 and seen[-1] == seen[0]  # the scrapes share one read; none queued behind it
+    finally:
+        blocker.commit()
+        blocker.close()
+    body = (await node.metrics.scrape()).decode()
+    assert "charter_budget_read_ok 1.0" in body
+    assert f'charter_budget_used{{period="day",scope="agent:{agent.name}",unit="usd"}}' in body

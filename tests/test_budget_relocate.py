@@ -155,6 +155,53 @@ def test_a_move_recorded_without_a_digest_is_finished_by_its_ids(tmp_path: Path)
     assert rows(home.db_path) == {} and rows(home.budget_db_path) == before
 
 
+def test_a_move_recorded_by_a_version_with_fewer_columns_is_finished_by_a_later_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record names the columns it digested: a later version, whose ledger has a column more,
+    recognises the rows that were copied instead of refusing a move that lost nothing."""
+    import charter.budget.relocate as relocate
+
+    home, _ = older_home(tmp_path / "home")
+    before = rows(home.db_path)
+    earlier = {**TABLES, "reservations": TABLES["reservations"].replace(", on_expiry", "")}
+    monkeypatch.setattr(relocate, "TABLES", earlier)  # the version that moved it knew no on_expiry
+    move_ledger(home.db_path, home.budget_db_path)
+    monkeypatch.undo()
+    restore(home, before)
+    assert move_ledger(home.db_path, home.budget_db_path) == 0
+    assert rows(home.db_path) == {}
+
+
+def test_a_move_recorded_with_the_first_digest_is_still_checked(tmp_path: Path) -> None:
+    """A record from before the columns were kept (a digest of the values only) is checked as it
+    was made: the same rows finish the move, a changed row stops it."""
+    from charter.budget.relocate import _digest_positional, _rows
+
+    for changed in (False, True):
+        home, ids = older_home(tmp_path / f"home-{changed}")
+        before = rows(home.db_path)
+        move_ledger(home.db_path, home.budget_db_path)
+        restore(home, before)
+        src = sqlite3.connect(home.db_path)
+        first = _digest_positional(_rows(src, list(TABLES)))
+        src.close()
+        db = sqlite3.connect(home.budget_db_path)
+        with db:
+            db.execute("UPDATE ledger_meta SET value = json_set(json_remove(value, '$.columns'), '$.sha256', ?) "
+                       "WHERE key = 'moved_from'", (first,))
+        db.close()
+        if not changed:
+            assert move_ledger(home.db_path, home.budget_db_path) == 0 and rows(home.db_path) == {}
+            continue
+        stale = Ledger(home.db_path, background_checkpoints=False)
+        stale.release(ids["held"], now=NOW + 5)
+        stale.close()
+        as_it_was(home.db_path)
+        with pytest.raises(CharterError) as exc:
+            move_ledger(home.db_path, home.budget_db_path)
+        assert exc.value.code == CONFLICT and "changed after the ledger moved" in exc.value.message
+
+
 def test_the_copy_is_durable_before_charter_db_lets_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """budget.db's directory entry is synced to disk while charter.db still holds the tables: a power
     cut at any moment leaves at least one whole ledger."""

@@ -28,6 +28,7 @@ BAD_TOKEN = "bad_token"
 SANDBOX_ESCAPE = "sandbox_escape"
 QUOTA_EXCEEDED = "quota_exceeded"
 BAD_REQUEST = "bad_request"
+LEDGER_CLOSED = "ledger_closed"
 
 HTTP_STATUS: dict[str, int] = {
     MALFORMED: 400,
@@ -49,6 +50,7 @@ HTTP_STATUS: dict[str, int] = {
     QUOTA_EXCEEDED: 507,
     "budget_exceeded": 402,
     "log_unavailable": 503,  # the log's server (NATS JetStream) did not answer; nothing was appended
+    LEDGER_CLOSED: 503,  # the daemon is stopping; nothing was reserved or booked
     "approval_required": 202,
 }
 

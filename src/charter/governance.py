@@ -7,15 +7,17 @@ refusal or alert becomes an event on the bus, signed by the operator's root key.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
-from charter.budget.handoff import ReservationHandoff, release_in_thread
+from charter.budget.handoff import ReservationHandoff, release_quietly
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
+from charter.budget.threads import LedgerThreads
 from charter.budget.prices import FREE, MICRO, Price, PriceTable
 from charter.bus.envelope import Envelope
 from charter.bus.log.base import Receipt
@@ -32,6 +34,8 @@ APPROVAL_REQUIRED = "approval_required"
 OPERATOR_DECISION = Decision(ALLOW, "operator", "T3", "the operator acts with the root key")
 Emit = Callable[[str, Any], Awaitable[Receipt]]
 T = TypeVar("T")
+log = logging.getLogger("charter.budget")
+CLOSE_WAIT = 10.0  # seconds closing waits for ledger calls still running on threads (a row lock, a release)
 
 
 def _now() -> int:
@@ -70,15 +74,21 @@ class Governance:
         self.by_hash: dict[str, Policy] = self.versions.load_all(home.policies_dir)
         self.approvals = Approvals(home.db_path, synchronous=config.bus.synchronous)
         self.ledger = open_ledger(home, config)  # SQLite, or PostgreSQL ([store] backend)
+        # A remote ledger is asked from these threads, never from the loop (`ask_ledger`).
+        self.ledger_threads = LedgerThreads()
         # Model calls' settlements, booked just after their answers (budget/deferred.py).
-        self.settlements = DeferredSettlements(self.ledger, self.publish_alerts)
+        self.settlements = DeferredSettlements(self.ledger, self.publish_alerts, in_thread=self.ledger_threads.call)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
         # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
         self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
-    def close(self) -> None:
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Close the stores. Ledger calls still running on threads (a reservation waiting on another
+        daemon's row lock, a cancelled caller's release) are waited for, up to `wait` seconds,
+        before the ledger's connections are closed under them."""
         self.settlements.flush(publish=False)  # Node.close drained them; the log may be closed by now
+        self.ledger_threads.close(wait)
         self.versions.close()
         self.approvals.close()
         self.ledger.close()
@@ -286,22 +296,32 @@ class Governance:
         d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
         if reserve is False:
             return Spend(d, None, usd, approval)
-        handoff = ReservationHandoff(self.ledger.release)
+        handoff = ReservationHandoff(self.ledger.release, self.release_later)
         try:
-            res = await asyncio.to_thread(handoff.run, self._spend_reserve, agent, action, d, usd, tokens, model,
-                                          ttl_s, limits, reserve, on_expiry)
-        except asyncio.CancelledError:  # the caller is gone: whatever the thread reserves goes back
+            res = await self.ledger_threads.call(handoff.run, self._spend_reserve, agent, action, d, usd, tokens,
+                                                 model, ttl_s, limits, reserve, on_expiry)
+        except BaseException:  # cancelled, or the loop is going: whatever the thread reserves goes back
             handoff.abandon()
             raise
-        return self._spend_bound(d, res, usd, approval,
-                                 release=lambda rid: release_in_thread(self.ledger.release, rid))
+        given_back: list[str] = []
+        try:
+            return self._spend_bound(d, res, usd, approval, release=given_back.append)
+        except SpendRefused:  # the approval was spent meanwhile: refused once the money is back
+            for rid in given_back:
+                await asyncio.shield(self.ledger_threads.call(release_quietly, self.ledger.release, rid))
+            raise
 
     async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:
         """`ledger.release` for a caller on the event loop (see `admit_spend_async`)."""
-        if self.ledger.remote:
-            await asyncio.to_thread(self.ledger.release, reservation_id, agent_id=agent_id)
-        else:
-            self.ledger.release(reservation_id, agent_id=agent_id)
+        await self.ask_ledger(self.ledger.release, reservation_id, agent_id=agent_id)
+
+    def release_later(self, reservation_id: str) -> None:
+        """Have a ledger thread give a reservation back, for a caller who cannot wait (it left)."""
+        try:
+            self.ledger_threads.submit(release_quietly, self.ledger.release, reservation_id)
+        except CharterError as exc:  # closed: the daemon is stopping; the expiry books or releases it
+            log.warning("could not release reservation %s (%s); it stays held until its expiry",
+                        reservation_id, exc.message, extra={"fields": {"reservation_id": reservation_id}})
 
     def _spend_decision(self, agent: AgentRecord, action: str, attrs: dict[str, Any], usd: int,
                         approval_id: str | None) -> tuple[Decision, Approval | None]:
@@ -482,7 +502,7 @@ class Governance:
     async def ask_ledger(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A ledger call from the event loop: off it for a remote ledger (see `admit_spend_async`)."""
         if self.ledger.remote:
-            return await asyncio.to_thread(fn, *args, **kw)
+            return await self.ledger_threads.call(fn, *args, **kw)
         return fn(*args, **kw)
 
     async def budget_view(self, agent: AgentRecord) -> dict[str, Any]:

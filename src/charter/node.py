@@ -56,7 +56,7 @@ from charter.identity.registry import REVOKED as ST_REVOKED
 from charter.identity.registry import SUSPENDED as ST_SUSPENDED
 from charter.identity.store import open_registry
 from charter.identity.tokens import looks_like_token, new_api_key, new_token, token_hash
-from charter.governance import Governance
+from charter.governance import CLOSE_WAIT, Governance
 from charter.identity.proofs import enroll_proof_message, rotate_proof_message, subagent_proof_message
 from charter.observability.context import request_id
 from charter.sandbox import Sandbox
@@ -168,6 +168,9 @@ class Node:
         await self.deferred.drain()
         await self.log.close()
         self.registry.close()
+        # Ledger calls still on threads (a reservation waiting on another daemon's row lock, a
+        # cancelled caller's release) finish before the ledger closes; waited for off the loop.
+        await asyncio.to_thread(self.gov.ledger_threads.close, CLOSE_WAIT)
         self.gov.close()
 
     @property

@@ -45,6 +45,7 @@ log = logging.getLogger("charter.budget")
 MAX_BATCH = 8  # settlements per transaction (and per turn of the loop) at most
 
 Publish = Callable[[AgentRecord, list[dict[str, Any]]], Awaitable[None]]
+InThread = Callable[..., Awaitable[Any]]
 
 
 class BatchLedger(Protocol):
@@ -54,8 +55,10 @@ class BatchLedger(Protocol):
 
 
 class DeferredSettlements:
-    def __init__(self, ledger: BatchLedger, publish_alerts: Publish, *, max_batch: int = MAX_BATCH) -> None:
-        self._ledger, self._publish = ledger, publish_alerts
+    def __init__(self, ledger: BatchLedger, publish_alerts: Publish, *, max_batch: int = MAX_BATCH,
+                 in_thread: InThread = asyncio.to_thread) -> None:
+        """`in_thread` runs a remote ledger's booking on a worker thread (`LedgerThreads.call`)."""
+        self._ledger, self._publish, self._in_thread = ledger, publish_alerts, in_thread
         self.max_batch = max_batch
         self._pending: list[tuple[SettleItem, AgentRecord]] = []
         self._handle: asyncio.Handle | None = None
@@ -101,7 +104,7 @@ class DeferredSettlements:
                 batch = self._pending[:self.max_batch]
                 del self._pending[:self.max_batch]
                 try:
-                    results = await asyncio.to_thread(self._ledger.settle_batch, [item for item, _ in batch])
+                    results = await self._in_thread(self._ledger.settle_batch, [item for item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - the answers are out; what is left is to say so
                     for item, agent in batch:
                         self._fail(item, agent, f"{type(exc).__name__}: {exc}")

@@ -1,11 +1,12 @@
 """A reservation made on a worker thread for a caller on the event loop who may be gone by then.
 
-A remote ledger (PostgreSQL) is asked from a thread, and the thread cannot be stopped: a caller
-cancelled while it waits (a client that hung up, a daemon shutting down) still gets its
-reservation made, once the row locks allow. Whoever comes second, the thread finishing or the
-caller leaving, gives that reservation back, exactly once, so that it is neither left held until
-its expiry books it in full nor released twice. This holds even when the loop itself is closing
-and will run no more callbacks: the thread then releases on its own.
+A remote ledger (PostgreSQL) is asked from a thread (`LedgerThreads`), and the thread cannot be
+stopped: a caller cancelled while it waits (a client that hung up, a daemon shutting down) still
+gets its reservation made, once the row locks allow. Whoever comes second, the thread finishing or
+the caller leaving, gives that reservation back, exactly once, so that it is neither left held
+until its expiry books it in full nor released twice. This holds even when the loop itself is
+closing and will run no more callbacks: the thread then releases on its own, within the same
+counted call, so closing the ledger waits for the release too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ log = logging.getLogger("charter.budget")
 
 
 class ReservationHandoff:
-    def __init__(self, release: Callable[[str], None]) -> None:
-        self._release = release
+    def __init__(self, release: Callable[[str], None], release_later: Callable[[str], None]) -> None:
+        """`release` gives a reservation back, blocking; `release_later` has a ledger thread do it."""
+        self._release, self._release_later = release, release_later
         self._lock = threading.Lock()
         self._abandoned = False
         self._made: Reservation | None = None
@@ -44,13 +46,7 @@ class ReservationHandoff:
             self._abandoned = True
             res, self._made = self._made, None
         if res is not None:
-            release_in_thread(self._release, res.id)
-
-
-def release_in_thread(release: Callable[[str], None], reservation_id: str) -> None:
-    """Release from a thread of its own, not the loop's executor, which may be shutting down. Not
-    a daemon thread: the interpreter's exit waits for the money to go back."""
-    threading.Thread(target=release_quietly, args=(release, reservation_id), name="charter-release").start()
+            self._release_later(res.id)
 
 
 def release_quietly(release: Callable[[str], None], reservation_id: str) -> None:

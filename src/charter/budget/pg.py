@@ -49,7 +49,7 @@ from charter.budget.ledger import (
     validate_limit,
 )
 from charter.budget.periods import period_key
-from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
+from charter.errors import BAD_REQUEST, CONFLICT, LEDGER_CLOSED, NOT_FOUND, CharterError
 
 T = TypeVar("T")
 
@@ -136,6 +136,7 @@ class PgLedger:
         self._all: list[Any] = []
         self._lock = threading.Lock()
         self._size = pool_size
+        self._closed = False
         self._psycopg = psycopg
         if create:
             with self._conn() as conn, conn.transaction():
@@ -144,33 +145,58 @@ class PgLedger:
                 _add_on_expiry(conn)
 
     def close(self) -> None:
-        for conn in self._all:
+        """Close every connection, those in use included (the daemon waits for its ledger calls
+        first: `LedgerThreads.close`). Any call after this fails with a clear error."""
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+        for conn in conns:
             try:
                 conn.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing anyway
                 pass
-        self._all.clear()
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
 
     @contextmanager
     def _conn(self) -> Iterator[Any]:
-        try:
-            conn = self._pool.get_nowait()
-        except queue.Empty:
-            with self._lock:
-                grow = len(self._all) < self._size
-                if grow:
-                    conn = self._psycopg.connect(self.dsn, autocommit=True)
-                    self._all.append(conn)
-            if not grow:
-                conn = self._pool.get()
+        self._refuse_closed()
+        conn = self._take()
         try:
             yield conn
         finally:
-            if conn.closed:
-                with self._lock:
-                    self._all.remove(conn)
-            else:
-                self._pool.put(conn)
+            with self._lock:
+                if conn.closed or self._closed:  # broken, or the ledger closed under this call
+                    if conn in self._all:
+                        self._all.remove(conn)
+                    conn.close()
+                else:
+                    self._pool.put(conn)
+
+    def _take(self) -> Any:
+        """A pooled connection, a new one while the pool is below its size, or else the next one given back."""
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            self._refuse_closed()
+            if len(self._all) < self._size:
+                conn = self._psycopg.connect(self.dsn, autocommit=True)
+                self._all.append(conn)
+                return conn
+        while True:
+            try:
+                return self._pool.get(timeout=0.2)
+            except queue.Empty:
+                self._refuse_closed()  # closed while waiting: nothing will be given back
 
     def _run(self, body: Callable[[Any], T]) -> T:
         """`body(conn)` in one transaction; retried on a deadlock or a serialization failure."""

@@ -46,14 +46,28 @@ def _ids(db: sqlite3.Connection, table: str) -> set[object]:
     return {r[0] for r in db.execute(f"SELECT id FROM {table}")}
 
 
-def _rows(db: sqlite3.Connection, present: list[str]) -> dict[str, list[tuple[object, ...]]]:
-    """Every present table's rows, in the current columns (defaults for older ones), in key order."""
-    return {t: db.execute(f"SELECT {select_list(db, t, TABLES[t], COLUMN_DEFAULTS)} FROM {t} "
+def _rows(db: sqlite3.Connection, present: list[str],
+          columns: dict[str, str] | None = None) -> dict[str, list[tuple[object, ...]]]:
+    """Every present table's rows in key order, in `columns` (this version's, by default; a column
+    the table predates is read as its default)."""
+    columns = columns or TABLES
+    return {t: db.execute(f"SELECT {select_list(db, t, columns[t], COLUMN_DEFAULTS)} FROM {t} "
                           f"ORDER BY {KEYS[t]}").fetchall() for t in present}
 
 
-def _digest(rows: dict[str, list[tuple[object, ...]]]) -> str:
-    """What was copied, to recognise it again: a table with no rows counts as absent."""
+def _digest(rows: dict[str, list[tuple[object, ...]]], columns: dict[str, str]) -> str:
+    """What was copied, to recognise it again: each row as its columns' names and values, so the
+    digest means the same to a later version with more columns. A table with no rows counts as absent."""
+    h = hashlib.sha256()
+    for table in sorted(t for t, found in rows.items() if found):
+        names = [c.strip() for c in columns[table].split(",")]
+        h.update(json.dumps([table, [dict(zip(names, row, strict=True)) for row in rows[table]]],
+                            separators=(",", ":"), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _digest_positional(rows: dict[str, list[tuple[object, ...]]]) -> str:
+    """The digest as 9d3615e..eb52d7a recorded it: each row's values only, in this version's columns."""
     h = hashlib.sha256()
     for table in sorted(t for t, found in rows.items() if found):
         h.update(json.dumps([table, rows[table]], separators=(",", ":")).encode())
@@ -129,7 +143,7 @@ def _copy(src: sqlite3.Connection, present: list[str], ledger: Ledger, old: Path
             copied += len(found)
         db.execute("INSERT INTO ledger_meta VALUES (?, ?)",
                    (MOVED, json.dumps({"path": str(old), "at_ms": time.time_ns() // 1_000_000, "rows": copied,
-                                       "sha256": _digest(rows)})))
+                                       "sha256": _digest(rows, TABLES), "columns": TABLES})))
         return copied
 
 
@@ -144,7 +158,15 @@ def _check_left(src: sqlite3.Connection, db: sqlite3.Connection, present: list[s
     if any(left.values()):
         _refuse(old, new, f"it has {left['reservations']} reservations and {left['spend']} spend rows "
                 f"that {new.name} lacks, written {when}")
-    if "sha256" in moved and moved["sha256"] != _digest(rows):  # (a move by a version that kept no digest: ids only)
+    if "sha256" not in moved:  # recorded by a version that kept no digest: checked by its ids only
+        return
+    columns = moved.get("columns")
+    if isinstance(columns, dict):  # read in the columns copied then, whatever this version adds
+        columns = {**TABLES, **columns}
+        digest = _digest(_rows(src, present, columns), columns)
+    else:  # recorded before the columns were (their rows, positional, in the columns this version has)
+        digest = _digest_positional(rows)
+    if digest != moved["sha256"]:
         _refuse(old, new, f"its ledger rows were changed {when}: a settlement, release or limit that "
                 f"{new.name} does not have")
 

@@ -7,6 +7,8 @@ gateway's per-call counters and latency are recorded as calls finish.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +21,15 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+BUDGET_READ_WAIT = 2.0  # seconds a scrape waits for the budget rows before it answers without them
+log = logging.getLogger("charter.metrics")
 
 
 class _NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.budget_rows: list[dict[str, Any]] | None = None  # read beforehand, off the loop (`Metrics.scrape`)
+        self.budget_read = True  # False: the ledger did not answer in time; the budget gauges are left out
 
     def collect(self) -> Iterator[Any]:
         node = self.node
@@ -66,6 +71,11 @@ class _NodeCollector(Collector):
             left.add_metric(labels, row["left"] / scale)
         yield used
         yield left
+        readable = GaugeMetricFamily("charter_budget_read_ok",
+                                     "1 if this scrape read the budget ledger; 0 if it did not answer in time "
+                                     "(the budget gauges are then absent)")
+        readable.add_metric([], 1 if self.budget_read else 0)
+        yield readable
 
         pending = GaugeMetricFamily("charter_approvals_pending", "Approval requests waiting for the operator")
         pending.add_metric([], len(node.gov.approvals.list("pending")))
@@ -83,6 +93,13 @@ class _NodeCollector(Collector):
 
         for extra in node.metric_sources:
             yield from extra()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a read's failure seen when every scrape waiting on it gave up: the next scrape reads
+    again, and says why if that one fails too."""
+    if not future.cancelled():
+        future.exception()
 
 
 def split_ref(ref: str | None) -> tuple[str, str]:
@@ -111,18 +128,37 @@ class Metrics:
         # Each call's children, kept per (ref, ok): `labels()` takes a lock and builds its key every
         # time. This grows as prometheus_client's own children for those labels do, no faster.
         self._call_children: dict[tuple[str | None, bool], tuple[Any, Any]] = {}
+        self._budget_read: asyncio.Future[list[dict[str, Any]]] | None = None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     async def scrape(self) -> bytes:
         """`render` for the event loop: the budget rows, from a ledger that may be across the
-        network, are read first and off the loop; the rest is in memory or local."""
-        self._collector.budget_rows = await self.node.gov.budget_overview(self.node.registry.all())
+        network, are read first and off the loop; the rest is in memory or local. A ledger that
+        does not answer within `BUDGET_READ_WAIT` leaves the budget gauges out of this scrape
+        (`charter_budget_read_ok` 0) rather than failing it or holding it past Prometheus' timeout."""
+        rows = await self._read_budget()
+        self._collector.budget_rows, self._collector.budget_read = (rows or [], rows is not None)
         try:
             return self.render()
         finally:
-            self._collector.budget_rows = None
+            self._collector.budget_rows, self._collector.budget_read = None, True
+
+    async def _read_budget(self) -> list[dict[str, Any]] | None:
+        """The budget rows, or None if the ledger failed or did not answer in time. One read at a
+        time: scrapes during a stall share the read in flight instead of queueing more behind it."""
+        if self._budget_read is None or self._budget_read.done():
+            self._budget_read = asyncio.ensure_future(self.node.gov.budget_overview(self.node.registry.all()))
+            self._budget_read.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._budget_read), BUDGET_READ_WAIT)
+        except TimeoutError:
+            log.warning("the budget ledger did not answer within %gs; this scrape has no budget gauges",
+                        BUDGET_READ_WAIT)
+        except Exception as exc:  # noqa: BLE001 - the other gauges are still worth answering with
+            log.warning("could not read the budget ledger for /metrics (%s: %s)", type(exc).__name__, exc)
+        return None
 
     def call(self, ref: str | None, ok: bool, seconds: float, attempts: list[dict[str, Any]]) -> None:
         """One finished gateway call. `ref` is the `backend/model` that answered; a call that no
