@@ -168,7 +168,7 @@ async def test_a_loop_shut_down_while_a_reservation_waits_gives_the_money_back(
     lock = RowLock(dsn, agent.id)
     try:
         await asyncio.wait_for(asyncio.to_thread(asyncio.run, stopping_daemon()), 10)  # that loop is gone
-        assert gov.ledger_threads.running == 1  # and its reservation still waits for the lock
+        assert gov.ledger_threads.running >= 1  # and its reservation still waits for the lock
     finally:
         lock.release()
     deadline = time.monotonic() + 10
@@ -205,10 +205,10 @@ async def test_a_daemon_closing_waits_for_a_reservation_on_a_row_lock_then_close
         waiting.cancel()  # the request's task, as a stopping server cancels it
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        threading.Timer(0.5, lock.release).start()  # the other daemon commits while this one closes
         started = time.monotonic()
+        threading.Timer(0.5, lock.release).start()  # the other daemon commits while this one closes
         closing = asyncio.ensure_future(node.close())
-        assert await ticks_while(closing, 0.3) >= 15  # close waits off the loop
+        assert await ticks_while(closing, 0.3) >= 10  # close waits off the loop
         await asyncio.wait_for(closing, 15)
         assert time.monotonic() - started >= 0.45
     finally:
@@ -261,25 +261,25 @@ async def test_a_scrape_while_the_ledger_stalls_answers_without_the_budget_gauge
     monkeypatch.setattr(metrics, "BUDGET_READ_WAIT", 0.3)
     blocker = psycopg.connect(dsn)
     blocker.execute("LOCK TABLE budget_limits IN ACCESS EXCLUSIVE MODE")
-
-    def waiting() -> int:
-        """Sessions waiting for the locked table: the scrapes' read, and any other reader's (a capsule)."""
-        return blocker.execute("SELECT count(*) FROM pg_locks WHERE relation = 'budget_limits'::regclass "
-                               "AND NOT granted").fetchall()[0][0]
-
     try:
-        seen = []
+        reads = set()
         for _ in range(4):
             started = time.monotonic()
-            body = (await node.metrics.scrape()).decode()
+            body = (await asyncio.wait_for(node.metrics.scrape(), 5)).decode()
             assert time.monotonic() - started < 2
             assert "charter_budget_read_ok 0.0" in body and "charter_budget_used{" not in body
             assert "charter_log_head_seq" in body and 'charter_agents{status="active"}' in body
-            seen.append(waiting())
-        assert seen[0] >= 1 and seen[-1] == seen[0]  # the scrapes share one read; none queued behind it
+            reads.add(node.metrics._budget_read)
+        [read] = reads  # the scrapes shared one read; none queued another behind it
+        assert read is not None and not read.done()
+        [(waiting,)] = blocker.execute("SELECT count(*) FROM pg_locks WHERE relation = 'budget_limits'::regclass "
+                                       "AND NOT granted").fetchall()
+        assert waiting >= 1  # it really waits on the table (with any other reader's, a capsule's)
     finally:
         blocker.commit()
         blocker.close()
-    body = (await node.metrics.scrape()).decode()
+    await asyncio.wait_for(asyncio.shield(read), 10)
+    monkeypatch.undo()
+    body = (await asyncio.wait_for(node.metrics.scrape(), 10)).decode()
     assert "charter_budget_read_ok 1.0" in body
     assert f'charter_budget_used{{period="day",scope="agent:{agent.name}",unit="usd"}}' in body

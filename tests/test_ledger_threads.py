@@ -70,15 +70,16 @@ def test_a_caller_cancelled_on_the_loop_leaves_its_call_running_and_counted() ->
     """`call` from the loop: the awaiting task is cancelled (a client hung up), the thread cannot
     be, and close still waits for it."""
     threads = LedgerThreads()
-    go, finished = threading.Event(), threading.Event()
+    started, go, finished = threading.Event(), threading.Event(), threading.Event()
 
     def slow() -> None:
+        started.set()
         go.wait(5)
         finished.set()
 
     async def main() -> None:
         task = asyncio.ensure_future(threads.call(slow))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(started.wait, 5)  # running: the thread cannot be cancelled now
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -86,7 +86,8 @@ class Governance:
     def close(self, wait: float = CLOSE_WAIT) -> None:
         """Close the stores. Ledger calls still running on threads (a reservation waiting on another
         daemon's row lock, a cancelled caller's release) are waited for, up to `wait` seconds,
-        before the ledger's connections are closed under them."""
+        before the ledger's connections are closed under them. That wait blocks the caller: on
+        the event loop, close `ledger_threads` from a thread first, as `Node.close` does."""
         self.settlements.flush(publish=False)  # Node.close drained them; the log may be closed by now
         self.ledger_threads.close(wait)
         self.versions.close()
@@ -306,9 +307,12 @@ class Governance:
         given_back: list[str] = []
         try:
             return self._spend_bound(d, res, usd, approval, release=given_back.append)
-        except SpendRefused:  # the approval was spent meanwhile: refused once the money is back
+        except BaseException:  # e.g. the approval was spent meanwhile: refused once the money is back
             for rid in given_back:
-                await asyncio.shield(self.ledger_threads.call(release_quietly, self.ledger.release, rid))
+                try:
+                    await asyncio.shield(self.ledger_threads.call(release_quietly, self.ledger.release, rid))
+                except CharterError:  # the ledger is closing: its thread, if any is left, or the expiry
+                    self.release_later(rid)
             raise
 
     async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:
@@ -371,6 +375,9 @@ class Governance:
             except CharterError as exc:  # spent meanwhile by a concurrent reservation: give this one back
                 (release or self.ledger.release)(res.id)
                 raise SpendRefused(exc.code, exc.message, exc.where, d, {"decision": d.to_dict()}) from None
+            except BaseException:  # the approvals' store failed: nothing holds the reservation for anyone
+                (release or self.ledger.release)(res.id)
+                raise
         return Spend(d, res, usd, approval)
 
     async def reserve(self, agent: AgentRecord, req: dict[str, Any]) -> dict[str, Any]:

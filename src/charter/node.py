@@ -166,11 +166,15 @@ class Node:
         # What closing them queued (a stream broken by the gateway's close settles what it sent).
         await self.gov.settlements.drain()
         await self.deferred.drain()
+        # Ledger calls still on threads (a reservation waiting on another daemon's row lock, a
+        # cancelled caller's release) finish before the ledger closes, waited for off the loop;
+        # then what they queued is booked and written while the log is still open.
+        await asyncio.to_thread(self.gov.ledger_threads.wait_idle, CLOSE_WAIT)
+        await self.gov.settlements.drain()
+        await self.deferred.drain()
+        await asyncio.to_thread(self.gov.ledger_threads.close, 1.0)
         await self.log.close()
         self.registry.close()
-        # Ledger calls still on threads (a reservation waiting on another daemon's row lock, a
-        # cancelled caller's release) finish before the ledger closes; waited for off the loop.
-        await asyncio.to_thread(self.gov.ledger_threads.close, CLOSE_WAIT)
         self.gov.close()
 
     @property

@@ -160,6 +160,12 @@ class DeferredSettlements:
 
     async def drain(self) -> None:
         """Book what is queued and publish its alerts (shutdown, or a caller that needs it booked)."""
+        if self._ledger.remote:  # booked from a worker thread, never inline on the loop
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            if self._pending and self._remote is None:
+                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
         while self._remote is not None:  # (a slice queued meanwhile may start another)
             await asyncio.shield(self._remote)
         self.flush()

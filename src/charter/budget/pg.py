@@ -118,6 +118,10 @@ def _add_on_expiry(conn: Any) -> None:
         conn.execute("ALTER TABLE reservations ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'release'")
 
 
+def _closed_error() -> CharterError:
+    return CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
+
+
 def _now() -> int:
     return time.time_ns() // 1_000_000
 
@@ -136,6 +140,7 @@ class PgLedger:
         self._all: list[Any] = []
         self._lock = threading.Lock()
         self._size = pool_size
+        self._opening = 0  # connections being opened, outside the lock
         self._closed = False
         self._psycopg = psycopg
         if create:
@@ -163,7 +168,7 @@ class PgLedger:
 
     def _refuse_closed(self) -> None:
         if self._closed:
-            raise CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
+            raise _closed_error()
 
     @contextmanager
     def _conn(self) -> Iterator[Any]:
@@ -181,22 +186,37 @@ class PgLedger:
                     self._pool.put(conn)
 
     def _take(self) -> Any:
-        """A pooled connection, a new one while the pool is below its size, or else the next one given back."""
-        try:
-            return self._pool.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            self._refuse_closed()
-            if len(self._all) < self._size:
-                conn = self._psycopg.connect(self.dsn, autocommit=True)
-                self._all.append(conn)
-                return conn
+        """A pooled connection, a new one while the pool is below its size, or else the next one
+        given back. Connecting happens outside the lock: a slow connect holds up no one else."""
+        wait = 0.0
         while True:
             try:
-                return self._pool.get(timeout=0.2)
+                conn = self._pool.get(timeout=wait) if wait else self._pool.get_nowait()
             except queue.Empty:
-                self._refuse_closed()  # closed while waiting: nothing will be given back
+                conn = None
+            self._refuse_closed()  # (closed meanwhile: a connection taken now is being closed)
+            if conn is not None:
+                return conn
+            with self._lock:
+                grow = len(self._all) + self._opening < self._size  # (a broken one dropped frees a place)
+                if grow:
+                    self._opening += 1
+            if grow:
+                return self._connect()
+            wait = 0.2
+
+    def _connect(self) -> Any:
+        try:
+            conn = self._psycopg.connect(self.dsn, autocommit=True)
+        finally:
+            with self._lock:
+                self._opening -= 1
+        with self._lock:
+            if not self._closed:
+                self._all.append(conn)
+                return conn
+        conn.close()
+        raise _closed_error()
 
     def _run(self, body: Callable[[Any], T]) -> T:
         """`body(conn)` in one transaction; retried on a deadlock or a serialization failure."""

@@ -66,8 +66,18 @@ def _digest(rows: dict[str, list[tuple[object, ...]]], columns: dict[str, str]) 
     return h.hexdigest()
 
 
+# The columns 9d3615e..eb52d7a digested, positionally (`_digest_positional`), whatever comes later.
+FIRST_DIGEST_COLUMNS = {
+    "budget_limits": "scope, unit, period, hard, soft_ratio, updated_at",
+    "budget_usage": "scope, unit, period, period_key, reserved, committed, alerted",
+    "reservations": "id, agent_id, role, model, action, usd, tokens, charges, state, created_at, expires_at, "
+                    "closed_at, on_expiry",
+    "spend": "id, reservation_id, agent_id, role, model, usd, tokens_in, tokens_out, ts, day, overrun",
+}
+
+
 def _digest_positional(rows: dict[str, list[tuple[object, ...]]]) -> str:
-    """The digest as 9d3615e..eb52d7a recorded it: each row's values only, in this version's columns."""
+    """The digest as 9d3615e..eb52d7a recorded it: each row's values only, in `FIRST_DIGEST_COLUMNS`."""
     h = hashlib.sha256()
     for table in sorted(t for t, found in rows.items() if found):
         h.update(json.dumps([table, rows[table]], separators=(",", ":")).encode())
@@ -164,8 +174,8 @@ def _check_left(src: sqlite3.Connection, db: sqlite3.Connection, present: list[s
     if isinstance(columns, dict):  # read in the columns copied then, whatever this version adds
         columns = {**TABLES, **columns}
         digest = _digest(_rows(src, present, columns), columns)
-    else:  # recorded before the columns were (their rows, positional, in the columns this version has)
-        digest = _digest_positional(rows)
+    else:  # recorded before the columns were: the values only, in the columns of then
+        digest = _digest_positional(_rows(src, present, FIRST_DIGEST_COLUMNS))
     if digest != moved["sha256"]:
         _refuse(old, new, f"its ledger rows were changed {when}: a settlement, release or limit that "
                 f"{new.name} does not have")

@@ -60,6 +60,11 @@ class LedgerThreads:
         yet started; one already running finishes (and is waited for by `close`)."""
         return await asyncio.wrap_future(self.submit(fn, *args, **kw))
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no call is running or queued; True if none is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
+
     def close(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every call to finish, then refuse new ones. Calls may
         still be submitted while it waits (a cancelled caller's release). True if none was left.
@@ -73,7 +78,7 @@ class LedgerThreads:
             log.warning("%d budget ledger calls still running after %gs; closing the ledger under them "
                         "(their reservations are booked or given back at their expiry)", left, timeout,
                         extra={"fields": {"running": left}})
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)  # still queued (after a timeout): run, and refused by the closed ledger
         return idle
 
     def _finished(self, _future: object) -> None:
