@@ -132,6 +132,9 @@ class TimeoutsConfig(_Strict):
     cold_first_token: Seconds = Field(120.0, gt=0)  # when /api/ps shows the model is not loaded
     idle: Seconds = Field(15.0, gt=0)
     total: Seconds = Field(300.0, gt=0)
+    # A streamed answer whose client takes no chunk for this long ends as a hang-up does: the
+    # backend is let go (an Ollama slot freed for the others) and what went out is settled.
+    client_stall: Seconds = Field(60.0, gt=0)
 
 
 class BreakerConfig(_Strict):

@@ -41,6 +41,7 @@ first_token = "{first_token}"
 cold_first_token = "6s"
 idle = "1s"
 total = "20s"
+client_stall = "1m"
 
 [models.breaker]
 failures = 2

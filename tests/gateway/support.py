@@ -46,13 +46,14 @@ T = TypeVar("T")
 
 def fleet_home(root: Path, primary: int, backup: int, *, midstream: str = "continue", first_token: str = "1.5s",
                cold_first_token: str = "6s", idle: str = "1s", cooldown: str = "1s", max_cooldown: str = "4s",
-               probe: str = "1s", aliases: dict[str, list[str]] | None = None,
+               client_stall: str = "1m", probe: str = "1s", aliases: dict[str, list[str]] | None = None,
                prices: dict[str, tuple[float, float]] | None = None) -> Home:
     """`gateway_home` with the timeouts it does not expose, extra aliases and extra prices."""
     home = gateway_home(root, primary, backup, midstream=midstream, first_token=first_token, cooldown=cooldown,
                         probe=probe)
     text = home.config_path.read_text()
-    for key, value in (("cold_first_token", cold_first_token), ("idle", idle), ("max_cooldown", max_cooldown)):
+    for key, value in (("cold_first_token", cold_first_token), ("idle", idle), ("max_cooldown", max_cooldown),
+                       ("client_stall", client_stall)):
         text, n = re.subn(rf'(?m)^{key} = ".*"$', f'{key} = "{value}"', text)
         assert n == 1, key
     if aliases:

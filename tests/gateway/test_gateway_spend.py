@@ -24,6 +24,7 @@ import json
 import re
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CLOUD = "cloud/qwen2.5:0.5b"
 DEFAULT_MAX = 256  # default_max_tokens in the gateway tests' charter.toml
+CLIENT_STALL = 5.0  # seconds a streaming client may leave a chunk untaken (longer than any test's pause)
 LONG = "[[tokens=1000]]"  # the stand-in's natural answer to this prompt is 1000 tokens
 DEAR_RULE = '''[[rules]]
 id = "dear-calls"
@@ -105,6 +107,7 @@ def spend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spend]:
     fleet = None
     try:
         home = fleet_home(tmp_path_factory.mktemp("spend") / "home", primary.port, backup.port, probe="1h",
+                          client_stall=f"{CLIENT_STALL:g}s",
                           prices={BACKUP: (1000.0, 1000.0), CLOUD: (1000.0, 1000.0)},
                           aliases={"paid_first": [BACKUP, PRIMARY], "cloud_only": [CLOUD]})
         text = home.config_path.read_text()
@@ -347,6 +350,49 @@ async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_e
         assert use["reserved"] == 0
         assert use["committed"] == event["tokens_in"] + event["tokens_out"]
     finally:
+        await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_an_agent_that_stops_reading_and_stays_connected_is_let_go_after_client_stall(
+        spend: Spend, agent_clients: tuple[str, Clients], api: str) -> None:
+    """The agent asks for a very long answer and never reads it, but keeps its connection open.
+    After `client_stall` with a chunk untaken, the call ends as a hang-up would: the backend's
+    generation is stopped (on Ollama, its slot freed for the others), what went out is settled,
+    and the event says why. Without it the call would hold the backend until the total timeout."""
+    name, clients = agent_clients
+    await spend.limit(name, "tokens", 10_000_000)
+    before = (await standin(spend.fleet.primary, "state"))["cancelled"]
+    messages = [{"role": "user", "content": f"[[tokens=400000]] read nothing, stay, {api}"}]
+    if api == OPENAI:
+        path = "/v1/chat/completions"
+        doc: dict[str, Any] = {"model": "strict", "messages": messages, "stream": True, "max_tokens": 400_000}
+    else:
+        path = "/api/chat"
+        doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
+    body = json.dumps(doc).encode()
+    host, port = spend.url.removeprefix("http://").split(":")
+    await standin(spend.fleet.primary, "config", {"token_delay": 0})  # every buffer on the way fills at once
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port), limit=2**16)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner; still never read
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        started = time.monotonic()
+        event = await call_event(spend.fleet.daemon, messages, timeout=CLIENT_STALL + 10)
+        assert event["error"] == f"the client stopped reading the answer for {CLIENT_STALL:g}s"
+        assert event["stream"] is True and event["tokens_out"] > 0
+        assert CLIENT_STALL <= time.monotonic() - started < CLIENT_STALL + 8  # not the 20 s total timeout
+        assert await wait_for(lambda: _cancelled_since(spend, before), 3.0, "the backend's generation to stop")
+        use = await spend.usage(name, "tokens")
+        assert use["reserved"] == 0
+        assert use["committed"] == event["tokens_in"] + event["tokens_out"]
+    finally:
+        if writer is not None:
+            writer.transport.abort()
         await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
 
 

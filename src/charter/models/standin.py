@@ -30,7 +30,7 @@ prompt unloads at once, `done_reason: "unload"`).
 Faults, set with `--fault MODE` at start or at run time with `POST /__standin/fault
 {"mode": MODE, "count": N | null, ...}` (`GET /__standin/state` shows the fault, request
 counts per path, and `cancelled`: requests whose client went away, whether during the load, the
-prompt or the tokens, as Ollama stops a request whose client disconnects). They hit the inference routes (generate, chat, embed, embeddings and the /v1
+prompt, the tokens or a write its client did not take, as Ollama stops a request whose client disconnects). They hit the inference routes (generate, chat, embed, embeddings and the /v1
 ones); `/`, `/api/version`, `/api/tags`, `/api/ps` and `/api/show` keep answering, which is the
 health lie of ollama#1378 and #18213. `exit` and `refuse` take the whole port down:
 
@@ -1184,10 +1184,14 @@ class StandinOllama:
 
         async def send(data: bytes) -> None:
             nonlocal resp
-            if resp is None:
-                resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
-                await resp.prepare(request)
-            await resp.write(data)
+            try:
+                if resp is None:
+                    resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+                    await resp.prepare(request)
+                await resp.write(data)
+            except asyncio.CancelledError:  # gone while its answer waited to be taken (a full socket)
+                self.cancelled += 1
+                raise
 
         try:
             async with contextlib.aclosing(self._produce(plan, fault)) as events:
@@ -1470,10 +1474,14 @@ class StandinOllama:
 
         async def send(data: bytes) -> None:
             nonlocal resp
-            if resp is None:
-                resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
-                await resp.prepare(request)
-            await resp.write(data)
+            try:
+                if resp is None:
+                    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+                    await resp.prepare(request)
+                await resp.write(data)
+            except asyncio.CancelledError:  # gone while its answer waited to be taken (a full socket)
+                self.cancelled += 1
+                raise
 
         try:
             async with contextlib.aclosing(self._produce(plan, fault)) as events:

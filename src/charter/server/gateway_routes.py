@@ -32,6 +32,7 @@ from charter.server.streaming import WatchedStream
 OPENAI, OLLAMA = "openai", "ollama"
 
 WENT_AWAY = "the client went away before the answer ended"  # the call event's error
+STALLED = "the client stopped reading the answer"  # ... and was let go (timeouts.client_stall)
 
 
 def _iso_now() -> str:
@@ -229,14 +230,17 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             error = None
             if failed is not None:
                 error = failed.reason
+            elif response.stalled:
+                error = f"{STALLED} for {router.config.timeouts.client_stall:g}s"
             elif result is None:
                 error = WENT_AWAY
             await gateway.record(agent, api, alias, req, gov, result, started, stream=True, error=error,
                                  attempts=failed.attempts if failed else None)
 
         media = "text/event-stream" if api == OPENAI else "application/x-ndjson"
-        return WatchedStream(body(), media_type=media, headers={"Cache-Control": "no-store"},
-                             background=BackgroundTask(after))
+        response = WatchedStream(body(), media_type=media, headers={"Cache-Control": "no-store"},
+                                 background=BackgroundTask(after), stall=router.config.timeouts.client_stall)
+        return response
 
     @app.post("/v1/chat/completions", tags=["models"], summary="OpenAI chat completions (streaming or not)")
     async def openai_chat(request: Request) -> Response:

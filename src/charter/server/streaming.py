@@ -12,12 +12,19 @@ call blocked between tokens ends at once, as it did, and settles what was delive
 cancellation is then taken back (`Task.uncancel`) and the response ends quietly, as Starlette's
 does; any other cancellation (the server shutting down) goes on up. The background task runs
 after the body either way, so a call's event records a client that went away.
+
+A client that stays connected but stops reading is handled the same way once it has left one
+chunk untaken for `stall` seconds: uvicorn's `send()` waits (for the transport to drain) as long as
+the client does, and meanwhile the backend's answer stays open, holding, on Ollama, a slot that
+every other agent queues for. One timer per stream checks for it, re-armed at most once per
+`stall`, so the chunks themselves pay only for noting when each send began.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -26,15 +33,23 @@ log = logging.getLogger("charter.server")
 
 
 class WatchedStream(StreamingResponse):
+    def __init__(self, *args: Any, stall: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.stall = stall
+        self.stalled = False  # ended because its client stopped reading (see the module's doc)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         sender = asyncio.current_task()
         assert sender is not None
         state = {"sending": True, "cancelled": False}
+        stop_timer: Callable[[], None] | None = None
+        if self.stall is not None:
+            send, stop_timer = self._watch_sends(send, sender, state)
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if state["sending"]:
+            if state["sending"] and not state["cancelled"]:
                 state["cancelled"] = True
                 sender.cancel()
 
@@ -50,6 +65,8 @@ class WatchedStream(StreamingResponse):
         finally:
             state["sending"] = False
             watcher.cancel()
+            if stop_timer is not None:
+                stop_timer()
             # Cancelled inside send() (a client that stopped reading, then left), the body was
             # never told: close it now, so the call settles what went out before its event is
             # written, not whenever the abandoned generators are collected.
@@ -58,6 +75,33 @@ class WatchedStream(StreamingResponse):
                 await close()
         if self.background is not None:
             await self.background()
+
+    def _watch_sends(self, send: Any, sender: asyncio.Task[Any],
+                     state: dict[str, bool]) -> tuple[Any, Callable[[], None]]:
+        """`send`, noting when each call began; and how to stop the timer that ends a send stuck
+        past `stall` (it re-arms itself for the current send's deadline, or a full `stall` on)."""
+        loop = asyncio.get_running_loop()
+        stall = self.stall
+        assert stall is not None
+        began: list[float | None] = [None]
+
+        async def timed_send(message: Any) -> None:
+            began[0] = loop.time()
+            await send(message)
+            began[0] = None
+
+        def check() -> None:
+            if state["cancelled"]:  # the client left meanwhile: ended already
+                return
+            start, now = began[0], loop.time()
+            if start is not None and now - start >= stall and state["sending"]:
+                self.stalled = state["cancelled"] = True
+                sender.cancel()
+                return
+            timer[0] = loop.call_at((start if start is not None else now) + stall, check)
+
+        timer = [loop.call_at(loop.time() + stall, check)]
+        return timed_send, lambda: timer[0].cancel()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
