@@ -316,6 +316,24 @@ async def test_a_hang_up_while_the_backend_is_between_tokens_ends_the_call_at_on
         await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
 
 
+async def ask_and_never_read(spend: Spend, clients: Clients, api: str,
+                             messages: list[dict[str, Any]]) -> asyncio.StreamWriter:
+    """A streamed call for 400,000 tokens on a raw connection whose answer is never read."""
+    if api == OPENAI:
+        path = "/v1/chat/completions"
+        doc: dict[str, Any] = {"model": "strict", "messages": messages, "stream": True, "max_tokens": 400_000}
+    else:
+        path = "/api/chat"
+        doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
+    body = json.dumps(doc).encode()
+    host, port = spend.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    return writer
+
+
 @pytest.mark.parametrize("api", APIS)
 async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_event(
         spend: Spend, agent_clients: tuple[str, Clients], api: str) -> None:
@@ -325,20 +343,9 @@ async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_e
     name, clients = agent_clients
     await spend.limit(name, "tokens", 10_000_000)
     messages = [{"role": "user", "content": f"[[tokens=400000]] stop reading, {api}"}]
-    if api == OPENAI:
-        path = "/v1/chat/completions"
-        doc: dict[str, Any] = {"model": "strict", "messages": messages, "stream": True, "max_tokens": 400_000}
-    else:
-        path = "/api/chat"
-        doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
-    body = json.dumps(doc).encode()
-    host, port = spend.url.removeprefix("http://").split(":")
     await standin(spend.fleet.primary, "config", {"token_delay": 0})
     try:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
+        writer = await ask_and_never_read(spend, clients, api, messages)
         await asyncio.sleep(2.0)  # megabytes of answer, none read: every buffer on the way is full
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -364,24 +371,11 @@ async def test_an_agent_that_stops_reading_and_stays_connected_is_let_go_after_c
     await spend.limit(name, "tokens", 10_000_000)
     before = (await standin(spend.fleet.primary, "state"))["cancelled"]
     messages = [{"role": "user", "content": f"[[tokens=400000]] read nothing, stay, {api}"}]
-    if api == OPENAI:
-        path = "/v1/chat/completions"
-        doc: dict[str, Any] = {"model": "strict", "messages": messages, "stream": True, "max_tokens": 400_000}
-    else:
-        path = "/api/chat"
-        doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
-    body = json.dumps(doc).encode()
-    host, port = spend.url.removeprefix("http://").split(":")
     await standin(spend.fleet.primary, "config", {"token_delay": 0})  # every buffer on the way fills at once
     writer = None
     try:
-        reader, writer = await asyncio.open_connection(host, int(port), limit=2**16)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner; still never read
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
         started = time.monotonic()
+        writer = await ask_and_never_read(spend, clients, api, messages)
         event = await call_event(spend.fleet.daemon, messages, timeout=CLIENT_STALL + 10)
         assert event["error"] == f"the client stopped reading the answer for {CLIENT_STALL:g}s"
         assert event["stream"] is True and event["tokens_out"] > 0

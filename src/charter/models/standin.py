@@ -462,6 +462,25 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=_dumps(obj), content_type="application/json", charset="utf-8")
 
 
+class _Chunks:
+    """A streamed answer, its headers sent with the first chunk. A request cancelled while a write
+    waits (its client took nothing and the socket is full) is counted as a cancelled request."""
+
+    def __init__(self, server: Any, request: web.Request, content_type: str) -> None:
+        self.server, self.request, self.content_type = server, request, content_type
+        self.resp: web.StreamResponse | None = None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            if self.resp is None:
+                self.resp = web.StreamResponse(status=200, headers={"Content-Type": self.content_type})
+                await self.resp.prepare(self.request)
+            await self.resp.write(data)
+        except asyncio.CancelledError:
+            self.server.cancelled += 1
+            raise
+
+
 def _line(obj: Any) -> bytes:
     return _dumps(obj) + b"\n"
 
@@ -1180,18 +1199,8 @@ class StandinOllama:
         return out
 
     async def _native_stream(self, request: web.Request, plan: Plan, fault: Applied | None) -> web.StreamResponse:
-        resp: web.StreamResponse | None = None
-
-        async def send(data: bytes) -> None:
-            nonlocal resp
-            try:
-                if resp is None:
-                    resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
-                    await resp.prepare(request)
-                await resp.write(data)
-            except asyncio.CancelledError:  # gone while its answer waited to be taken (a full socket)
-                self.cancelled += 1
-                raise
+        out = _Chunks(self, request, "application/x-ndjson")
+        send = out.send
 
         try:
             async with contextlib.aclosing(self._produce(plan, fault)) as events:
@@ -1201,19 +1210,19 @@ class StandinOllama:
                     elif event == "done":
                         await send(_line(self._native_final(plan, value, "")))
                     elif event == "error":
-                        if resp is None:  # nothing written yet: Ollama sets the status
+                        if out.resp is None:  # nothing written yet: Ollama sets the status
                             return _json({"error": value}, 500)
                         await send(_line({"error": value}))
                     elif event == "disconnect":
                         _abort(request)
-                        return resp or web.Response(status=500)
+                        return out.resp or web.Response(status=500)
                     elif event == "garbage":
                         for line in value:
                             await send(line.encode() + b"\n")
         except ConnectionError:
             self.cancelled += 1  # the client went away: generation stops (ollama#1695)
             _abort(request)
-        return resp or web.Response(status=500)
+        return out.resp or web.Response(status=500)
 
     async def _native_whole(self, request: web.Request, plan: Plan, fault: Applied | None) -> web.StreamResponse:
         parts: list[str] = []
@@ -1470,18 +1479,8 @@ class StandinOllama:
                         return web.Response(status=200, body="\n".join(value).encode(), content_type="application/json")
             return web.Response(status=500)
 
-        resp: web.StreamResponse | None = None
-
-        async def send(data: bytes) -> None:
-            nonlocal resp
-            try:
-                if resp is None:
-                    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
-                    await resp.prepare(request)
-                await resp.write(data)
-            except asyncio.CancelledError:  # gone while its answer waited to be taken (a full socket)
-                self.cancelled += 1
-                raise
+        out = _Chunks(self, request, "text/event-stream")
+        send = out.send
 
         try:
             async with contextlib.aclosing(self._produce(plan, fault)) as events:
@@ -1496,19 +1495,19 @@ class StandinOllama:
                             await send(_sse(last))
                         await send(b"data: [DONE]\n\n")
                     elif event == "error":
-                        if resp is None:
+                        if out.resp is None:
                             return _json(_v1_error_body(500, value), 500)
                         await send(_sse(_v1_error_body(500, value)))
                     elif event == "disconnect":
                         _abort(request)
-                        return resp or web.Response(status=500)
+                        return out.resp or web.Response(status=500)
                     elif event == "garbage":
                         for line in value:
                             await send(b"data: " + line.encode() + b"\n\n")
         except ConnectionError:
             self.cancelled += 1
             _abort(request)
-        return resp or web.Response(status=500)
+        return out.resp or web.Response(status=500)
 
     async def _v1_embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
