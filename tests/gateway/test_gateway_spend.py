@@ -49,6 +49,7 @@ from tests.gateway.support import (
     assert_well_formed,
     call_event,
     enroll_key,
+    fault,
     finish,
     fleet_home,
     standin,
@@ -252,6 +253,51 @@ async def test_an_amount_rule_sees_the_calls_estimated_cost(spend: Spend, agent_
     ev = await call_event(spend.fleet.daemon, dear)
     (decision,) = ev["decisions"]
     assert (decision["effect"], decision["rule"], decision["code"]) == ("deny", "dear-calls", "policy_denied")
+
+
+FAILED_RUNGS = {  # fault on the priced backup -> (how the event names it, whether the backup is paid)
+    "empty": ("empty", True),  # HTTP 200 with no text, its usage reported (the GPU-reset lie)
+    "malformed": ("malformed", True),  # HTTP 200, then garbage before any token: nothing reported
+    "http500": ("runner_error", False),  # the runner's error as HTTP 500: nothing was answered
+}
+
+
+@pytest.mark.parametrize("mode", list(FAILED_RUNGS))
+async def test_a_paid_rung_that_fails_is_paid_for_only_if_it_had_begun_its_answer(
+        spend: Spend, agent_clients: tuple[str, Clients], mode: str) -> None:
+    """The priced backup fails and the free primary answers. A backend that had begun its answer
+    (HTTP 200) had read the prompt, and a paid API bills it: that rung is booked, at the usage it
+    reported if it did, else at the prompt's bound. One that refused the request is owed nothing.
+    Whatever is booked, the ledger and the call event agree."""
+    name, clients = agent_clients
+    await spend.limit(name, "usd", 5.0)
+    kind, paid = FAILED_RUNGS[mode]
+    messages = [{"role": "user", "content": f"a paid rung that fails: {mode}"}]
+    await fault(spend.fleet.backup, mode, count=1, **({"after": 0} if mode == "malformed" else {}))
+    try:
+        reply = await clients.chat(OPENAI, "paid_first", messages, stream=False, max_tokens=8)
+        assert_well_formed(reply)
+        ev = await call_event(spend.fleet.daemon, messages)
+        assert ev["backend"] == PRIMARY and ev["error"] is None
+        (failed,) = ev["fallbacks"]
+        assert failed["ref"] == BACKUP and failed["outcome"] == "failed" and failed["reason"].startswith(kind)
+        use = await spend.usage(name, "usd")
+        assert use["reserved"] == 0 and use["over"] == 0
+        assert use["committed"] == round(ev["cost_usd"] * 1_000_000) == (await spend.history(name))["usd_micros"]
+        # The reply's usage is the call's, both rungs: the free primary answered its 8 tokens.
+        assert (reply.prompt_tokens, reply.completion_tokens) == (ev["tokens_in"], ev["tokens_out"])
+        booked = use["committed"] // 1000  # tokens booked for the backup, at $0.001 a token
+        if not paid:
+            assert use["committed"] == 0 and ev["tokens_out"] == 8
+        elif mode == "empty":  # what it reported: the prompt it evaluated (as the primary counts it) and 1 token
+            assert ev["tokens_out"] == 8 + 1 and ev["tokens_in"] % 2 == 0
+            assert booked == ev["tokens_in"] // 2 + 1
+        else:  # nothing reported: the prompt's bound (at least a token per byte), nothing delivered
+            assert ev["tokens_out"] == 8 and booked >= len(messages[0]["content"])
+            assert 0 < ev["tokens_in"] - booked < len(messages[0]["content"])  # the rest: the primary's real count
+    finally:
+        await clients.chat(OPENAI, "paid_first", [{"role": "user", "content": "the backup is well again"}],
+                           stream=False, max_tokens=4)  # its breaker counts consecutive failures
 
 
 @pytest.mark.parametrize("api", APIS)

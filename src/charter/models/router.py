@@ -193,8 +193,12 @@ class Router:
                     else:
                         raise BackendError("truncated", "the backend's stream ended without a final message")
             except BackendError as err:
-                if got:  # first: the health event below may fail, the reservation must not stay held
-                    await governor.settle(admission, None, got)
+                # First: the health event below may fail, the reservation must not stay held. A
+                # backend that had begun its answer read the prompt (a paid API bills it, answer or
+                # not): booked, with what it reported using if it did, else the prompt's bound and
+                # what went out. One that refused or never answered is owed nothing.
+                if got or err.answered or err.usage is not None:
+                    await governor.settle(admission, err.usage, got)
                 else:
                     await governor.release(admission)
                 if err.kind != "unconfigured":
@@ -251,8 +255,8 @@ class Router:
             started = time.perf_counter()
             try:
                 vectors, tokens = await backend.embed(model, inputs, timeout=self.config.timeouts.total)
-            except BackendError as err:
-                await governor.release(admission)
+            except BackendError as err:  # as for a chat: owed for its inputs once it had answered
+                await (governor.settle(admission, None, "") if err.answered else governor.release(admission))
                 await self._record_failure(name, err)
                 attempts.append(Attempt(ref, "failed", str(err), (time.perf_counter() - started) * 1000))
                 continue

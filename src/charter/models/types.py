@@ -51,11 +51,21 @@ class BackendError(Exception):
     # kinds that mean "this backend is down": the circuit opens at once
     HARD = frozenset({"refused", "connect_timeout", "first_token_timeout", "unreachable"})
 
-    def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, kind: str, message: str, *, status: int | None = None, usage: Final | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
+        # What the backend said it used, when its failed answer still reported it (an empty one).
+        self.usage = usage
+        # The backend had accepted the request (its HTTP 200 answer had begun): it read the prompt,
+        # and a paid API bills it, whatever came of the answer.
+        self.answered = False
+
+    def after_answer(self, answered: bool) -> BackendError:
+        """This error, marked as raised once the backend's answer had begun (if it had)."""
+        self.answered = self.answered or answered
+        return self
 
     @property
     def hard(self) -> bool:

@@ -94,6 +94,23 @@ def classify_client_error(exc: BaseException) -> BackendError:
     return BackendError("error", f"{type(exc).__name__}: {exc}")
 
 
+def embed_answer(raw: bytes) -> dict[str, Any]:
+    """An embeddings answer's JSON object; anything else is the backend's malformed answer (it
+    had answered HTTP 200: it did the work), never an exception that ends the call."""
+    try:
+        doc = orjson.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise BackendError("malformed", f"the embeddings answer is not a JSON object: {raw[:80]!r}").after_answer(True)
+    return doc
+
+
+def reported(prompt_tokens: int, completion_tokens: int) -> Final | None:
+    """The usage a failed answer still reported, if it reported any."""
+    return Final("error", prompt_tokens, completion_tokens) if prompt_tokens or completion_tokens else None
+
+
 def error_kind(status: int, message: str) -> str:
     low = message.lower()
     if "runner" in low or "unexpected eof" in low:

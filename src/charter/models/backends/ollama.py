@@ -13,8 +13,10 @@ from charter.models.backends.base import (
     StreamedBody,
     classify_client_error,
     decode_event,
+    embed_answer,
     error_body,
     open_stream,
+    reported,
     options_for,
 )
 from charter.models.types import BackendError, ChatRequest, Final
@@ -34,7 +36,7 @@ class OllamaBackend(HttpBackend):
         if opts:
             body["options"] = opts
         deadline = time.monotonic() + total
-        produced = 0
+        produced, answered = 0, False
         try:
             resp, first_left = await open_stream(self.session, self.endpoint("/api/chat"), data=orjson.dumps(body),
                                                  headers={"Content-Type": "application/json"},
@@ -42,6 +44,7 @@ class OllamaBackend(HttpBackend):
             async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
                 if resp.status != 200:
                     raise await error_body(resp)
+                answered = True
                 pending: list[str] = []  # the text of lines that arrived together: one piece
                 async for line, more in answer.lines:
                     obj, bad = decode_event(line, "line")
@@ -58,7 +61,9 @@ class OllamaBackend(HttpBackend):
                         pending.clear()
                     if obj.get("done"):
                         if not produced:
-                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                            raise BackendError("empty", "HTTP 200 with an empty answer",
+                                               usage=reported(int(obj.get("prompt_eval_count") or 0),
+                                                              int(obj.get("eval_count") or 0)))
                         self._mark_loaded(model)
                         answer.complete = True
                         yield Final(obj.get("done_reason") or "stop", int(obj.get("prompt_eval_count") or 0),
@@ -69,8 +74,10 @@ class OllamaBackend(HttpBackend):
                 if pending:
                     yield "".join(pending)
                 raise BackendError("truncated", "the stream ended without a final `done` object")
+        except BackendError as err:
+            raise err.after_answer(answered) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise classify_client_error(exc) from None
+            raise classify_client_error(exc).after_answer(answered) from None
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
         try:
@@ -78,12 +85,12 @@ class OllamaBackend(HttpBackend):
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                doc = orjson.loads(await resp.read())
+                doc = embed_answer(await resp.read())
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
         vectors = doc.get("embeddings")
         if not isinstance(vectors, list) or len(vectors) != len(inputs) or not all(vectors):
-            raise BackendError("malformed", "embed answer does not hold one vector per input")
+            raise BackendError("malformed", "embed answer does not hold one vector per input").after_answer(True)
         return vectors, int(doc.get("prompt_eval_count") or 0)
 
     async def _get(self, path: str, timeout: float = 3.0) -> dict:

@@ -16,8 +16,10 @@ from charter.models.backends.base import (
     StreamedBody,
     classify_client_error,
     decode_event,
+    embed_answer,
     error_body,
     open_stream,
+    reported,
 )
 from charter.models.types import BackendError, ChatRequest, Final
 
@@ -69,7 +71,7 @@ class OpenAIBackend(HttpBackend):
             if v is not None:
                 body[key] = v
         deadline = time.monotonic() + total
-        produced, finish = 0, "stop"
+        produced, finish, answered = 0, "stop", False
         usage: dict = {}
         try:
             resp, first_left = await open_stream(self.session, self.endpoint("/chat/completions"), data=orjson.dumps(body),
@@ -77,6 +79,7 @@ class OpenAIBackend(HttpBackend):
             async with StreamedBody(resp, first_token=first_left, idle=idle, deadline=deadline) as answer:
                 if resp.status != 200:
                     raise await error_body(resp)
+                answered = True
                 pending: list[str] = []  # the text of events that arrived together: one piece
                 async for line, more in answer.lines:
                     if not line.startswith(b"data:"):
@@ -86,7 +89,9 @@ class OpenAIBackend(HttpBackend):
                         if pending:
                             yield "".join(pending)
                         if not produced:
-                            raise BackendError("empty", "HTTP 200 with an empty answer")
+                            raise BackendError("empty", "HTTP 200 with an empty answer",
+                                               usage=reported(int(usage.get("prompt_tokens") or 0),
+                                                              int(usage.get("completion_tokens") or 0)))
                         answer.complete = True
                         yield Final(finish, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
                         return
@@ -110,8 +115,10 @@ class OpenAIBackend(HttpBackend):
                 if pending:
                     yield "".join(pending)
                 raise BackendError("truncated", "the stream ended without [DONE]")
+        except BackendError as err:
+            raise err.after_answer(answered) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise classify_client_error(exc) from None
+            raise classify_client_error(exc).after_answer(answered) from None
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
         try:
@@ -120,12 +127,12 @@ class OpenAIBackend(HttpBackend):
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
-                doc = orjson.loads(await resp.read())
+                doc = embed_answer(await resp.read())
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise classify_client_error(exc) from None
         data = sorted(doc.get("data") or [], key=lambda d: d.get("index", 0))
         if len(data) != len(inputs):
-            raise BackendError("malformed", "embeddings answer does not hold one vector per input")
+            raise BackendError("malformed", "embeddings answer does not hold one vector per input").after_answer(True)
         return [d["embedding"] for d in data], int((doc.get("usage") or {}).get("prompt_tokens") or 0)
 
     async def list_models(self) -> list[str]:
