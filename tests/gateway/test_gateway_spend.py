@@ -362,8 +362,18 @@ async def test_a_hang_up_while_the_backend_is_between_tokens_ends_the_call_at_on
         await standin(spend.fleet.primary, "config", {"token_delay": TOKEN_DELAY})
 
 
+async def how_it_ends(reader: asyncio.StreamReader) -> str:
+    """Read a connection to its end: "eof" (closed in order) or "reset"."""
+    try:
+        while await reader.read(1 << 16):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    return "eof"
+
+
 async def ask_and_never_read(spend: Spend, clients: Clients, api: str,
-                             messages: list[dict[str, Any]]) -> asyncio.StreamWriter:
+                             messages: list[dict[str, Any]]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A streamed call for 400,000 tokens on a raw connection whose answer is never read."""
     if api == OPENAI:
         path = "/v1/chat/completions"
@@ -373,11 +383,11 @@ async def ask_and_never_read(spend: Spend, clients: Clients, api: str,
         doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
     body = json.dumps(doc).encode()
     host, port = spend.url.removeprefix("http://").split(":")
-    _, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
-    return writer
+    return reader, writer
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -391,7 +401,7 @@ async def test_an_agent_that_stops_reading_then_hangs_up_is_settled_before_its_e
     messages = [{"role": "user", "content": f"[[tokens=400000]] stop reading, {api}"}]
     await standin(spend.fleet.primary, "config", {"token_delay": 0})
     try:
-        writer = await ask_and_never_read(spend, clients, api, messages)
+        _, writer = await ask_and_never_read(spend, clients, api, messages)
         await asyncio.sleep(2.0)  # megabytes of answer, none read: every buffer on the way is full
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -421,7 +431,7 @@ async def test_an_agent_that_stops_reading_and_stays_connected_is_let_go_after_c
     writer = None
     try:
         started = time.monotonic()
-        writer = await ask_and_never_read(spend, clients, api, messages)
+        reader, writer = await ask_and_never_read(spend, clients, api, messages)
         event = await call_event(spend.fleet.daemon, messages, timeout=CLIENT_STALL + 10)
         assert event["error"] == f"the client stopped reading the answer for {CLIENT_STALL:g}s"
         assert event["stream"] is True and event["tokens_out"] > 0
@@ -430,6 +440,9 @@ async def test_an_agent_that_stops_reading_and_stays_connected_is_let_go_after_c
         use = await spend.usage(name, "tokens")
         assert use["reserved"] == 0
         assert use["committed"] == event["tokens_in"] + event["tokens_out"]
+        # The connection was reset, its unsent bytes dropped: not closed gracefully, which would
+        # have kept them for this reader, and ended in a clean EOF once it read them all.
+        assert await asyncio.wait_for(how_it_ends(reader), 10) == "reset"
     finally:
         if writer is not None:
             writer.transport.abort()

@@ -25,6 +25,7 @@ from charter.config import Home
 from charter.server.daemon_file import dashboard_token, read_daemon_file  # noqa: F401 - the daemon's own record
 from charter.fsutil import write_private
 from charter.logs import setup_logging
+from charter.server.http_protocol import AbortableHttpToolsProtocol
 
 
 class _Server(uvicorn.Server):
@@ -84,7 +85,7 @@ def serve(home: Home, host: str | None = None, port: int | None = None) -> int:
     url = f"http://{host}:{port}"
     json_logs = {"log_config": None} if config.daemon.log_format == "json" else {}  # then setup_logging formats uvicorn's too
     uv = uvicorn.Config(
-        create_app(node), host=host, port=port, loop="uvloop", http="httptools",
+        create_app(node), host=host, port=port, loop="uvloop", http=AbortableHttpToolsProtocol,
         access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
         # Longer than the clients' pools keep idle connections (the SDK: 30 s), so that the client,
         # not the daemon, closes an idle one; uvicorn's default of 5 s races every agent's next call.

@@ -17,7 +17,9 @@ A client that stays connected but stops reading is handled the same way once it 
 chunk untaken for `stall` seconds: uvicorn's `send()` waits (for the transport to drain) as long as
 the client does, and meanwhile the backend's answer stays open, holding, on Ollama, a slot that
 every other agent queues for. One timer per stream checks for it, re-armed at most once per
-`stall`, so the chunks themselves pay only for noting when each send began.
+`stall`, so the chunks themselves pay only for noting when each send began. The connection is
+then reset (`server/http_protocol`), so that its unsent bytes are not kept for a reader that never
+comes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
+
+from charter.server.http_protocol import ABORT
 
 log = logging.getLogger("charter.server")
 
@@ -44,7 +48,8 @@ class WatchedStream(StreamingResponse):
         state = {"sending": True, "cancelled": False}
         stop_timer: Callable[[], None] | None = None
         if self.stall is not None:
-            send, stop_timer = self._watch_sends(send, sender, state)
+            abort = (scope.get("extensions") or {}).get(ABORT)
+            send, stop_timer = self._watch_sends(send, sender, state, abort)
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -73,11 +78,13 @@ class WatchedStream(StreamingResponse):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
+        if self.stalled:  # (uvicorn hears of the reset connection, so it sees a client gone, not an error)
+            await asyncio.sleep(0)
         if self.background is not None:
             await self.background()
 
-    def _watch_sends(self, send: Any, sender: asyncio.Task[Any],
-                     state: dict[str, bool]) -> tuple[Any, Callable[[], None]]:
+    def _watch_sends(self, send: Any, sender: asyncio.Task[Any], state: dict[str, bool],
+                     abort: Callable[[], None] | None) -> tuple[Any, Callable[[], None]]:
         """`send`, noting when each call began; and how to stop the timer that ends a send stuck
         past `stall` (it re-arms itself for the current send's deadline, or a full `stall` on)."""
         loop = asyncio.get_running_loop()
@@ -97,6 +104,8 @@ class WatchedStream(StreamingResponse):
             if start is not None and now - start >= stall and state["sending"]:
                 self.stalled = state["cancelled"] = True
                 sender.cancel()
+                if abort is not None:  # reset the connection: its unsent bytes are dropped, not kept for it
+                    abort()
                 return
             timer[0] = loop.call_at((start if start is not None else now) + stall, check)
 
