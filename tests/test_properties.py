@@ -519,6 +519,28 @@ def test_decode_event_classifies_any_line_and_never_raises(raw: bytes) -> None:
         assert (bad.kind == "midstream_error") == (isinstance(obj, dict) and "error" in obj)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), json_values.map(canonical),
+                 st.builds(lambda vs, n: canonical({"embeddings": vs, "prompt_eval_count": n}), json_values, json_values),
+                 st.builds(lambda d, u: canonical({"data": d, "usage": u}), json_values, json_values)),
+       st.integers(min_value=1, max_value=3))
+def test_an_embeddings_answer_is_vectors_or_a_malformed_failure_never_a_crash(raw: bytes, count: int) -> None:
+    """Whatever a backend answers under HTTP 200 to an embeddings call, in Ollama's shape or
+    OpenAI's, it is one vector per input or the backend's `malformed` failure, marked as answered
+    (its inputs were read): never an exception of its own, which would end the call, not fail over."""
+    from charter.models.backends import ollama, openai
+    from charter.models.backends.base import embed_answer
+    from charter.models.types import BackendError
+
+    for backend in (ollama, openai):
+        try:
+            vectors, tokens = backend.embeddings_of(embed_answer(raw), count)
+        except BackendError as err:
+            assert err.kind == "malformed" and err.answered
+            continue
+        assert len(vectors) == count and all(isinstance(v, list) and v for v in vectors) and tokens >= 0
+
+
 # -- budget periods ------------------------------------------------------------------------------
 
 ZONES = ["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "Asia/Kathmandu",

@@ -309,15 +309,24 @@ class Governance:
             return self._spend_bound(d, res, usd, approval, release=given_back.append)
         except BaseException:  # e.g. the approval was spent meanwhile: refused once the money is back
             for rid in given_back:
-                try:
-                    await asyncio.shield(self.ledger_threads.call(release_quietly, self.ledger.release, rid))
-                except CharterError:  # the ledger is closing: its thread, if any is left, or the expiry
-                    self.release_later(rid)
+                await self.give_back(rid)
             raise
 
     async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:
         """`ledger.release` for a caller on the event loop (see `admit_spend_async`)."""
         await self.ask_ledger(self.ledger.release, reservation_id, agent_id=agent_id)
+
+    async def give_back(self, reservation_id: str, agent_id: str | None = None) -> None:
+        """Release a reservation for a caller that may be cancelled meanwhile (a client hanging up):
+        on a remote ledger the release goes on regardless, and a failure is logged, not raised."""
+        if not self.ledger.remote:
+            release_quietly(lambda rid: self.ledger.release(rid, agent_id=agent_id), reservation_id)
+            return
+        try:
+            await asyncio.shield(self.ledger_threads.call(
+                release_quietly, lambda rid: self.ledger.release(rid, agent_id=agent_id), reservation_id))
+        except CharterError:  # the ledger is closing: its thread, if any is left, or the expiry
+            self.release_later(reservation_id)
 
     def release_later(self, reservation_id: str) -> None:
         """Have a ledger thread give a reservation back, for a caller who cannot wait (it left)."""

@@ -383,7 +383,11 @@ async def ask_and_never_read(spend: Spend, clients: Clients, api: str,
         doc = {"model": "strict", "messages": messages, "options": {"num_predict": 400_000}}
     body = json.dumps(doc).encode()
     host, port = spend.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window, full at once
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {clients.key}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()

@@ -164,10 +164,11 @@ class DeferredSettlements:
             if self._handle is not None:
                 self._handle.cancel()
                 self._handle = None
-            if self._pending and self._remote is None:
-                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
-        while self._remote is not None:  # (a slice queued meanwhile may start another)
-            await asyncio.shield(self._remote)
-        self.flush()
+            while self._pending or self._remote is not None:  # (one added meanwhile, too)
+                if self._remote is None:
+                    self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+                await asyncio.shield(self._remote)
+        else:
+            self.flush()
         while self._alerts:
             await asyncio.gather(*list(self._alerts), return_exceptions=True)

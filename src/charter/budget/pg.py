@@ -206,12 +206,15 @@ class PgLedger:
             wait = 0.2
 
     def _connect(self) -> Any:
+        """Open the connection a place was kept for (`_opening`), and take that place."""
         try:
             conn = self._psycopg.connect(self.dsn, autocommit=True)
-        finally:
+        except BaseException:
             with self._lock:
                 self._opening -= 1
+            raise
         with self._lock:
+            self._opening -= 1
             if not self._closed:
                 self._all.append(conn)
                 return conn

@@ -6,7 +6,8 @@ back the reservation of a caller that hung up. Closing the ledger under such a c
 connection mid-transaction. So every such call is submitted here, counted from its submission (a
 call still queued counts too) until it returns or is cancelled before it started, and `close`
 waits, for a bounded time, until none is left; only then is the ledger closed. A call submitted
-after that is refused with a clear error, never run against a closed ledger.
+after that is refused with a clear error; one still queued when the wait ran out runs, and the
+closed ledger refuses it (`ledger_closed`), so a release left over is logged, never lost unseen.
 """
 
 from __future__ import annotations

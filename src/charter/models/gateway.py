@@ -138,7 +138,7 @@ class CallGovernor:
                 await gov.publish_alerts(self.agent, res.alerts)
         except BaseException:  # nothing was sent upstream: the money goes back, not to its expiry's booking
             if res is not None:
-                await gov.release_async(res.id, self.agent.id)
+                await gov.give_back(res.id, self.agent.id)
             raise
         self.decisions.append(entry)
         if res is None:  # no budget applies: the request keeps its own limit, or none
@@ -167,8 +167,10 @@ class CallGovernor:
                                              tokens_out=t_out)
 
     async def release(self, adm: Admission) -> None:
+        """Nothing was spent on this rung: its reservation goes back, even if the call is being
+        cancelled meanwhile (left held, its expiry would book all of it)."""
         if adm.reservation_id:
-            await self.gw.node.gov.release_async(adm.reservation_id, self.agent.id)
+            await self.gw.node.gov.give_back(adm.reservation_id, self.agent.id)
 
 
 class Gateway:

@@ -256,7 +256,7 @@ class Router:
             try:
                 vectors, tokens = await backend.embed(model, inputs, timeout=self.config.timeouts.total)
             except BackendError as err:  # as for a chat: owed for its inputs once it had answered
-                await (governor.settle(admission, None, "") if err.answered else governor.release(admission))
+                await (governor.settle(admission, err.usage, "") if err.answered else governor.release(admission))
                 await self._record_failure(name, err)
                 attempts.append(Attempt(ref, "failed", str(err), (time.perf_counter() - started) * 1000))
                 continue

@@ -230,10 +230,8 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
             error = None
             if failed is not None:
                 error = failed.reason
-            elif response.stalled:
-                error = f"{STALLED} for {router.config.timeouts.client_stall:g}s"
-            elif result is None:
-                error = WENT_AWAY
+            elif result is None:  # (gone once the answer was complete: recorded as answered, either way)
+                error = f"{STALLED} for {router.config.timeouts.client_stall:g}s" if response.stalled else WENT_AWAY
             await gateway.record(agent, api, alias, req, gov, result, started, stream=True, error=error,
                                  attempts=failed.attempts if failed else None)
 

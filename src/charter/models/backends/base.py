@@ -106,6 +106,16 @@ def embed_answer(raw: bytes) -> dict[str, Any]:
     return doc
 
 
+def embed_vectors(vectors: Any, count: int, tokens: Any) -> tuple[list[list[float]], int]:
+    """One non-empty vector per input, and the tokens the answer says it read; else the backend's
+    malformed answer, with those tokens for the budget (it had answered: it did the work)."""
+    used = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+    if not isinstance(vectors, list) or len(vectors) != count or not all(isinstance(v, list) and v for v in vectors):
+        raise BackendError("malformed", "the embeddings answer does not hold one vector per input",
+                           usage=reported(used, 0)).after_answer(True)
+    return vectors, used
+
+
 def reported(prompt_tokens: int, completion_tokens: int) -> Final | None:
     """The usage a failed answer still reported, if it reported any."""
     return Final("error", prompt_tokens, completion_tokens) if prompt_tokens or completion_tokens else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -14,12 +15,18 @@ from charter.models.backends.base import (
     classify_client_error,
     decode_event,
     embed_answer,
+    embed_vectors,
     error_body,
     open_stream,
     reported,
     options_for,
 )
 from charter.models.types import BackendError, ChatRequest, Final
+
+
+def embeddings_of(doc: dict[str, Any], count: int) -> tuple[list[list[float]], int]:
+    """The vectors and prompt tokens of an `/api/embed` answer (see `embed_vectors`)."""
+    return embed_vectors(doc.get("embeddings"), count, doc.get("prompt_eval_count"))
 
 
 class OllamaBackend(HttpBackend):
@@ -80,18 +87,17 @@ class OllamaBackend(HttpBackend):
             raise classify_client_error(exc).after_answer(answered) from None
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
+        answered = False
         try:
             async with self.session.post(self.endpoint("/api/embed"), json={"model": model, "input": inputs},
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
+                answered = True
                 doc = embed_answer(await resp.read())
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise classify_client_error(exc) from None
-        vectors = doc.get("embeddings")
-        if not isinstance(vectors, list) or len(vectors) != len(inputs) or not all(vectors):
-            raise BackendError("malformed", "embed answer does not hold one vector per input").after_answer(True)
-        return vectors, int(doc.get("prompt_eval_count") or 0)
+            raise classify_client_error(exc).after_answer(answered) from None
+        return embeddings_of(doc, len(inputs))
 
     async def _get(self, path: str, timeout: float = 3.0) -> dict:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,6 +18,7 @@ from charter.models.backends.base import (
     classify_client_error,
     decode_event,
     embed_answer,
+    embed_vectors,
     error_body,
     open_stream,
     reported,
@@ -31,6 +33,16 @@ def output_limit_key(url: str) -> str:
     host = (urlsplit(url).hostname or "").lower()
     official = host == "api.openai.com" or host.endswith((".openai.azure.com", ".openai.com"))
     return "max_completion_tokens" if official else "max_tokens"
+
+
+def embeddings_of(doc: dict[str, Any], count: int) -> tuple[list[list[float]], int]:
+    """The vectors (in `index` order) and prompt tokens of an `/embeddings` answer (see `embed_vectors`)."""
+    data = doc.get("data")
+    items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+    items.sort(key=lambda d: d["index"] if isinstance(d.get("index"), int) else 0)
+    usage = doc.get("usage")
+    return embed_vectors([d.get("embedding") for d in items], count,
+                         usage.get("prompt_tokens") if isinstance(usage, dict) else None)
 
 
 class OpenAIBackend(HttpBackend):
@@ -121,19 +133,18 @@ class OpenAIBackend(HttpBackend):
             raise classify_client_error(exc).after_answer(answered) from None
 
     async def embed(self, model: str, inputs: list[str], *, timeout: float) -> tuple[list[list[float]], int]:
+        answered = False
         try:
             async with self.session.post(self.endpoint("/embeddings"), data=orjson.dumps({"model": model, "input": inputs}),
                                          headers=self._headers(),
                                          timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)) as resp:
                 if resp.status != 200:
                     raise await error_body(resp)
+                answered = True
                 doc = embed_answer(await resp.read())
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise classify_client_error(exc) from None
-        data = sorted(doc.get("data") or [], key=lambda d: d.get("index", 0))
-        if len(data) != len(inputs):
-            raise BackendError("malformed", "embeddings answer does not hold one vector per input").after_answer(True)
-        return [d["embedding"] for d in data], int((doc.get("usage") or {}).get("prompt_tokens") or 0)
+            raise classify_client_error(exc).after_answer(answered) from None
+        return embeddings_of(doc, len(inputs))
 
     async def list_models(self) -> list[str]:
         try:
