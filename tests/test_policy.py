@@ -862,3 +862,21 @@ def test_remembered_conditions_decide_as_a_fresh_evaluation(calls: list[tuple[Su
     remembered = engine(*MEMO_RULES)
     for subject, attrs in calls:
         assert remembered.decide(subject, "model.call", attrs) == engine(*MEMO_RULES).decide(subject, "model.call", attrs)
+
+
+def test_the_daemon_loads_cel_without_its_cli_and_the_package_still_imports_after() -> None:
+    """`import cel` runs the package's CLI imports (typer, prompt_toolkit: ~0.3 s of every start);
+    Charter loads only the extension. A later `import cel` (a user's script, a plugin) still works
+    and shares that extension rather than initialising it twice."""
+    code = (
+        "import sys\n"
+        "import charter.node\n"
+        "assert 'prompt_toolkit' not in sys.modules and 'cel.cli' not in sys.modules, sorted(sys.modules)\n"
+        "from charter.policy.cel_runtime import cel as ours\n"
+        "assert ours.compile('a > 1').execute(ours.Context({'a': 2})) is True\n"
+        "import cel\n"
+        "assert cel.compile('a < 1').execute(cel.Context({'a': 2})) is False\n"
+        "assert cel.Context is ours.Context\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import cel
-
+from charter.policy.cel_runtime import cel
 from charter.policy.engine import APPROVE, DENY, TIERS, PolicyEngine, Rule, Subject
 
 _KNOWN_NOW = frozenset({"action", "agent"})

@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import cel
-
 from charter.bus.subjects import matches
+from charter.policy.cel_runtime import cel
 
 TIERS = ("T0", "T1", "T2", "T3")
 EFFECTS = ("allow", "deny", "approve")

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any
 
-import cel
+from charter.policy.cel_runtime import cel
 
 SEVERITIES = ("critical", "warning", "info")
 
