@@ -376,9 +376,16 @@ class Archivist:
         daemon it held the GIL against the event loop for as long as it ran (seconds on a big log),
         and every model call and publish meanwhile waited for it. A process of its own competes
         only for a core, and loses it to the daemon when they share one.
+
+        Under the archivist's lock: the child reads the archive, then charter.db, and a seal and a
+        prune in between (a segment whose index it had not seen yet, then the same entries pruned
+        from charter.db) would read as entries that exist nowhere. Seals wait meanwhile; requests
+        do not.
         """
-        report = await run_in_child(verify_archive, self.layout.root, db_path=self.db_path if self.sqlite else None,
-                                    root=self.root_key.public, signatures=signatures)
+        async with self._lock:
+            report = await run_in_child(verify_archive, self.layout.root,
+                                        db_path=self.db_path if self.sqlite else None,
+                                        root=self.root_key.public, signatures=signatures)
         first = report.sorted_breaks()[0] if report.breaks else None
         self.last_verify = {"ok": report.ok, "at": time.time(), "first_bad_seq": report.first_bad,
                             "reason": first.reason if first else None}
