@@ -75,6 +75,11 @@ class RowLock:
         self.conn.close()
 
 
+# A loop that waited for the lock would complete no tick at all until the lock is released (the
+# test would hang, not count low); a loaded machine (a full suite beside it) completes fewer than
+# the ideal 100 a second: the thresholds below are a fifth of the ideal or less.
+
+
 async def ticks_while(pending: asyncio.Future[Any], seconds: float) -> int:
     """How many 10 ms sleeps the loop completes in `seconds`, with `pending` still not done."""
     n, end = 0, time.monotonic() + seconds
@@ -96,7 +101,7 @@ async def test_a_row_lock_held_by_another_daemon_stalls_the_call_not_the_loop(on
     lock = RowLock(dsn, agent.id)
     try:
         admitting = asyncio.ensure_future(governor.admit(ref, kind, model, req))
-        assert await ticks_while(admitting, 0.5) >= 25  # the loop kept turning the whole time
+        assert await ticks_while(admitting, 0.5) >= 10  # the loop kept turning the whole time
     finally:
         lock.release()
     second = await asyncio.wait_for(admitting, 10)
@@ -107,7 +112,7 @@ async def test_a_row_lock_held_by_another_daemon_stalls_the_call_not_the_loop(on
     try:
         await governor.settle(first, Final("stop", 10, 20), "an answer")
         booking = asyncio.ensure_future(node.gov.settlements.drain())
-        assert await ticks_while(booking, 0.5) >= 25
+        assert await ticks_while(booking, 0.5) >= 10
     finally:
         lock.release()
     await asyncio.wait_for(booking, 10)
@@ -208,7 +213,7 @@ async def test_a_daemon_closing_waits_for_a_reservation_on_a_row_lock_then_close
         started = time.monotonic()
         threading.Timer(0.5, lock.release).start()  # the other daemon commits while this one closes
         closing = asyncio.ensure_future(node.close())
-        assert await ticks_while(closing, 0.3) >= 10  # close waits off the loop
+        assert await ticks_while(closing, 0.3) >= 5  # close waits off the loop
         await asyncio.wait_for(closing, 15)
         assert time.monotonic() - started >= 0.45
     finally:
@@ -234,7 +239,7 @@ async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[N
     lock = RowLock(dsn, agent.id)
     try:
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        assert await ticks_while(never, 2.5) >= 150  # two sweeps came due; at least 60% of 250 ticks
+        assert await ticks_while(never, 2.5) >= 50  # two sweeps came due meanwhile
         with psycopg.connect(dsn) as c:
             [(state,)] = c.execute("SELECT state FROM reservations WHERE id = %s", (spend.reservation.id,))
         assert state == "held"  # the sweep is waiting for the lock
