@@ -382,7 +382,7 @@ class Archivist:
         from charter.db) would read as entries that exist nowhere. Seals wait meanwhile; requests
         do not.
         """
-        async with self._lock:
+        async with self._lock:  # (and `charter archive verify` holds the layout's lock: `Layout.reading`)
             report = await run_in_child(verify_archive, self.layout.root,
                                         db_path=self.db_path if self.sqlite else None,
                                         root=self.root_key.public, signatures=signatures)

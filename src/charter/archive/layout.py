@@ -76,6 +76,24 @@ class Layout:
         return self.numbered(self.checkpoints_dir, CHECKPOINT_RE)
 
     @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold off writers (a seal, a prune, a sync into this directory) while a check reads the
+        archive and then the live log: a seal and a prune in between would read as entries that
+        exist nowhere. A shared lock: checks do not wait for one another. Nothing is created: an
+        archive without a lock file (never written here) is read without one."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time across processes (the daemon's archivist and a CLI command)."""
         self.create()

@@ -255,6 +255,7 @@ def verify(
     """Recompute everything: entries, chain, segments, Merkle roots, checkpoints. Exit 5 names the first bad seq."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from charter.archive.layout import Layout
     from charter.archive.verify import verify_archive
 
     target = path.expanduser().absolute() if path else _archive_dir()
@@ -262,14 +263,15 @@ def verify(
         fail(CharterError("not_found", f"no archive at {target}"), common.ERROR)
     db_path = None if no_db else (db or (None if path else _live_db()))
     root = _pinned(root_key)
-    if as_json:
-        report = verify_archive(target, db_path=db_path, root=root, signatures=signatures)
-    else:
-        with Progress(TextColumn("verifying the archive"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task("verify", total=None)
-            report = verify_archive(target, db_path=db_path, root=root, signatures=signatures,
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with Layout(target).reading():  # a live daemon's seals and prunes wait: the check reads one state
+        if as_json:
+            report = verify_archive(target, db_path=db_path, root=root, signatures=signatures)
+        else:
+            with Progress(TextColumn("verifying the archive"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=err, transient=True) as bar:
+                task = bar.add_task("verify", total=None)
+                report = verify_archive(target, db_path=db_path, root=root, signatures=signatures,
+                                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         emit_json(report.to_dict())
     elif report.ok:
