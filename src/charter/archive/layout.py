@@ -86,25 +86,26 @@ class Layout:
         except OSError:
             yield
             return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        with _flocked(fd, fcntl.LOCK_SH):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time across processes (the daemon's archivist and a CLI command)."""
         self.create()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with _flocked(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600), fcntl.LOCK_EX):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
+
+@contextmanager
+def _flocked(fd: int, mode: int) -> Iterator[None]:
+    """`fd` locked in `mode` for the block, then unlocked and closed."""
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 def read_json(path: Path) -> Any:
     return orjson.loads(path.read_bytes())
