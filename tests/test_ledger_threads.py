@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -102,3 +103,24 @@ def test_context_variables_reach_the_thread() -> None:
     threads = LedgerThreads()
     assert asyncio.run(main()) == "from the caller"
     threads.close(1)
+
+
+def test_a_release_no_one_waits_for_warns_only_when_money_stays_held(caplog: pytest.LogCaptureFixture) -> None:
+    """A reservation settled or released already (CONFLICT) holds nothing: no warning. Any other
+    failure leaves it held until its expiry, and says so."""
+    from charter.budget.handoff import release_quietly
+    from charter.errors import CONFLICT, NOT_FOUND
+
+    def failing(code: str) -> Callable[[str], None]:
+        def release(rid: str) -> None:
+            raise CharterError(code, f"reservation {rid}: {code}", "reservation_id")
+        return release
+
+    with caplog.at_level(logging.DEBUG, logger="charter.budget"):
+        release_quietly(failing(CONFLICT), "res_settled")
+        release_quietly(failing(NOT_FOUND), "res_unknown")
+        release_quietly(lambda rid: (_ for _ in ()).throw(OSError("database is locked")), "res_locked")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2 and all("stays held until its expiry" in m for m in warned)
+    assert "res_unknown" in warned[0] and "res_locked" in warned[1]
+    assert not any("res_settled" in m for m in warned)

@@ -4,12 +4,15 @@
 pygments for an interactive REPL, about 0.3 s of every daemon start and `charter policy` command,
 and the memory they hold. Charter uses only `compile` and `Context`, which live in the extension
 module `cel.cel`; that module is loaded here directly (and registered as `cel.cel`, so that a
-later `import cel` finds it rather than initialising the extension twice). The package's opt-in
-Python functions (`cel.stdlib`) are not used by any policy, truth or visibility rule.
+later `import cel` finds it rather than initialising the extension twice; `from cel import cel`
+then works, the attribute `cel.cel` on the package does not). The package's opt-in Python
+functions (`cel.stdlib`) are not used by any policy, truth or visibility rule. Where `cel` is the
+extension itself (another build, without the package), it is imported as it is.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -22,8 +25,10 @@ def _load() -> ModuleType:
     if "cel.cel" in sys.modules:
         return sys.modules["cel.cel"]
     package = importlib.util.find_spec("cel")  # found, not run
-    if package is None or not package.submodule_search_locations:
+    if package is None:
         raise ImportError("the CEL runtime (the common-expression-language package) is not installed")
+    if not package.submodule_search_locations:  # a module, not the package: nothing heavy to skip
+        return importlib.import_module("cel")
     spec = importlib.machinery.PathFinder.find_spec("cel", list(package.submodule_search_locations))
     if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
         raise ImportError("the common-expression-language package has no compiled `cel` extension")
@@ -31,7 +36,11 @@ def _load() -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["cel.cel"] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("cel.cel", None)
+        raise
     return module
 
 

@@ -16,7 +16,7 @@ import struct
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-ABORT = "charter.abort"
+from charter.server.streaming import ABORT
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and drops what is unsent
 
 
@@ -27,9 +27,9 @@ class AbortableHttpToolsProtocol(HttpToolsProtocol):
 
     def _reset(self) -> None:
         sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
+        try:
+            if sock is not None and sock.fileno() >= 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
-            except OSError:  # gone already
-                pass
+        except (OSError, ValueError):  # gone already (uvloop: a negative descriptor)
+            pass
         self.transport.abort()

@@ -31,7 +31,8 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from charter.server.http_protocol import ABORT
+# The key, in scope["extensions"], of a callable that resets the connection (server/http_protocol).
+ABORT = "charter.abort"
 
 log = logging.getLogger("charter.server")
 
