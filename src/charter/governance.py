@@ -7,14 +7,14 @@ refusal or alert becomes an event on the bus, signed by the operator's root key.
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
-from charter.budget.handoff import ReservationHandoff, release_quietly
+from charter.budget.handoff import ReservationHandoff, release_quietly, warn_unreleased
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
 from charter.budget.threads import LedgerThreads
@@ -34,7 +34,6 @@ APPROVAL_REQUIRED = "approval_required"
 OPERATOR_DECISION = Decision(ALLOW, "operator", "T3", "the operator acts with the root key")
 Emit = Callable[[str, Any], Awaitable[Receipt]]
 T = TypeVar("T")
-log = logging.getLogger("charter.budget")
 CLOSE_WAIT = 10.0  # seconds closing waits for ledger calls still running on threads (a row lock, a release)
 
 
@@ -319,12 +318,12 @@ class Governance:
     async def give_back(self, reservation_id: str, agent_id: str | None = None) -> None:
         """Release a reservation for a caller that may be cancelled meanwhile (a client hanging up):
         on a remote ledger the release goes on regardless, and a failure is logged, not raised."""
+        release = functools.partial(self.ledger.release, agent_id=agent_id)
         if not self.ledger.remote:
-            release_quietly(lambda rid: self.ledger.release(rid, agent_id=agent_id), reservation_id)
+            release_quietly(release, reservation_id)
             return
         try:
-            await asyncio.shield(self.ledger_threads.call(
-                release_quietly, lambda rid: self.ledger.release(rid, agent_id=agent_id), reservation_id))
+            await asyncio.shield(self.ledger_threads.call(release_quietly, release, reservation_id))
         except CharterError:  # the ledger is closing: its thread, if any is left, or the expiry
             self.release_later(reservation_id)
 
@@ -333,8 +332,7 @@ class Governance:
         try:
             self.ledger_threads.submit(release_quietly, self.ledger.release, reservation_id)
         except CharterError as exc:  # closed: the daemon is stopping; the expiry books or releases it
-            log.warning("could not release reservation %s (%s); it stays held until its expiry",
-                        reservation_id, exc.message, extra={"fields": {"reservation_id": reservation_id}})
+            warn_unreleased(reservation_id, exc)
 
     def _spend_decision(self, agent: AgentRecord, action: str, attrs: dict[str, Any], usd: int,
                         approval_id: str | None) -> tuple[Decision, Approval | None]:

@@ -163,12 +163,10 @@ class Node:
         await self.capsules.close()
         await self.archivist.close()
         self.reflector.close()
-        # What closing them queued (a stream broken by the gateway's close settles what it sent).
-        await self.gov.settlements.drain()
-        await self.deferred.drain()
         # Ledger calls still on threads (a reservation waiting on another daemon's row lock, a
-        # cancelled caller's release) finish before the ledger closes, waited for off the loop;
-        # then what they queued is booked and written while the log is still open.
+        # cancelled caller's release) finish first, waited for off the loop; then what they and
+        # closing the parts queued (a stream broken by the gateway's close settles what it sent)
+        # is booked and written while the log is still open.
         await asyncio.to_thread(self.gov.ledger_threads.wait_idle, CLOSE_WAIT)
         await self.gov.settlements.drain()
         await self.deferred.drain()

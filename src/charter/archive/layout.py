@@ -107,6 +107,7 @@ def _flocked(fd: int, mode: int) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
+
 def read_json(path: Path) -> Any:
     return orjson.loads(path.read_bytes())
 

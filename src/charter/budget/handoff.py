@@ -56,13 +56,13 @@ def release_quietly(release: Callable[[str], None], reservation_id: str) -> None
         release(reservation_id)
     except CharterError as exc:
         if exc.code != CONFLICT:
-            _unreleased(reservation_id, exc)
+            warn_unreleased(reservation_id, exc)
         else:  # settled or released already (a race with the settlement, or a second give-back): nothing held
             log.debug("reservation %s needed no release: %s", reservation_id, exc.message)
     except Exception as exc:  # noqa: BLE001 - nobody to raise to; the expiry books it, in full
-        _unreleased(reservation_id, exc)
+        warn_unreleased(reservation_id, exc)
 
 
-def _unreleased(reservation_id: str, exc: BaseException) -> None:
+def warn_unreleased(reservation_id: str, exc: BaseException) -> None:
     log.warning("could not release reservation %s (%s); it stays held until its expiry",
                 reservation_id, exc, extra={"fields": {"reservation_id": reservation_id}})

@@ -49,7 +49,8 @@ from charter.budget.ledger import (
     validate_limit,
 )
 from charter.budget.periods import period_key
-from charter.errors import BAD_REQUEST, CONFLICT, LEDGER_CLOSED, NOT_FOUND, CharterError
+from charter.budget.threads import ledger_closed
+from charter.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, CharterError
 
 T = TypeVar("T")
 
@@ -118,10 +119,6 @@ def _add_on_expiry(conn: Any) -> None:
         conn.execute("ALTER TABLE reservations ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'release'")
 
 
-def _closed_error() -> CharterError:
-    return CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
-
-
 def _now() -> int:
     return time.time_ns() // 1_000_000
 
@@ -168,7 +165,7 @@ class PgLedger:
 
     def _refuse_closed(self) -> None:
         if self._closed:
-            raise _closed_error()
+            raise ledger_closed()
 
     @contextmanager
     def _conn(self) -> Iterator[Any]:
@@ -219,7 +216,7 @@ class PgLedger:
                 self._all.append(conn)
                 return conn
         conn.close()
-        raise _closed_error()
+        raise ledger_closed()
 
     def _run(self, body: Callable[[Any], T]) -> T:
         """`body(conn)` in one transaction; retried on a deadlock or a serialization failure."""

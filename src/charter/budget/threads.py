@@ -29,6 +29,11 @@ log = logging.getLogger("charter.budget")
 WORKERS = 8  # threads at most: a few row-lock waits must not hold every other call back
 
 
+def ledger_closed() -> CharterError:
+    """What a ledger call gets once the daemon has closed its ledger."""
+    return CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
+
+
 class LedgerThreads:
     def __init__(self, workers: int = WORKERS) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="charter-ledger")
@@ -46,7 +51,7 @@ class LedgerThreads:
         """Run `fn` on a ledger thread (with the caller's context variables, as `asyncio.to_thread`)."""
         with self._cond:
             if self._closed:
-                raise CharterError(LEDGER_CLOSED, "the budget ledger is closed (the daemon is stopping)", "budget")
+                raise ledger_closed()
             self._running += 1
         try:
             future = self._pool.submit(contextvars.copy_context().run, fn, *args, **kw)

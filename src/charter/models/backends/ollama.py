@@ -18,8 +18,8 @@ from charter.models.backends.base import (
     embed_vectors,
     error_body,
     open_stream,
-    reported,
     options_for,
+    reported,
 )
 from charter.models.types import BackendError, ChatRequest, Final
 
