@@ -226,7 +226,12 @@ check = {{ kind = "tcp" }}
         reset = await sup.reset("ai.test.flapping")  # the operator's reset-failed: no restart by itself
         assert reset["state"] == "critical" and reset["restart_policy"]["in_window"] == 0
         await wait_until(lambda: len(starts.read_text().splitlines()) == 5, timeout=10)  # automatic restarts again
-        (third,) = (await restarts_of(node, "ai.test.flapping"))[2:]
+        # The restart's event is appended once the launcher returns, and the process it started may
+        # have written its line before that.
+        deadline = time.monotonic() + 10
+        while len(found := await restarts_of(node, "ai.test.flapping")) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        third = found[2]
         assert third["automatic"] and third["attempt"] == 1
     finally:
         await sup.close()  # first, or it would restart what is killed next
