@@ -4,13 +4,14 @@ call and publish) for as long as it ran."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from charter.archive.archivist import Archivist
+from charter.archive.archivist import Archivist, run_in_child
 from charter.archive.layout import Layout
 from charter.archive.segments import archive_head
 from charter.archive.verify import verify_archive
@@ -70,3 +71,9 @@ async def test_a_child_seals_the_same_segments_without_the_daemons_cpu(tmp_path:
     assert report.ok, report.sorted_breaks()[:3]
     # ...and the calling process did not spend the sealing's CPU itself.
     assert child_cpu < thread_cpu / 3, (child_cpu, thread_cpu)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+async def test_the_child_takes_only_what_the_daemon_leaves_of_a_core() -> None:
+    # At nice 10 it still took a tenth of a core the daemon kept busy; SCHED_IDLE yields at once.
+    assert await run_in_child(os.sched_getscheduler, 0) == os.SCHED_IDLE
