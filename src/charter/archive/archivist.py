@@ -19,6 +19,7 @@ lock (archive/.lock) across processes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import multiprocessing
@@ -42,35 +43,42 @@ from charter.identity.keys import PublicKey, SigningKey
 
 log = logging.getLogger("charter.archive")
 T = TypeVar("T")
-CHILD_NICE = 10  # where SCHED_IDLE is refused
+CHILD_NICE = 10  # an operator's seal or verification; and background work where SCHED_IDLE is refused
+# Set in the archivist's own schedule (`tick`): what it runs is background work (see `_lower_priority`).
+_SCHEDULED: contextvars.ContextVar[bool] = contextvars.ContextVar("charter_archive_scheduled", default=False)
 
 
-def _lower_priority() -> None:
-    """A background seal, sync, prune or verification takes only what the daemon leaves of a core.
+def _lower_priority(background: bool) -> None:
+    """A child yields the CPU to the daemon: at nice 10, or under Linux's SCHED_IDLE for the
+    archivist's scheduled work, which then takes only what the daemon leaves of a core.
 
-    Linux's SCHED_IDLE: at nice 10 the child still had a tenth of a core the daemon kept busy (a
-    seal spawned beside `gateway.py`'s c=16 phase with a budget: added p99 15.0 ms, against
-    10-13 ms in the other runs). SCHED_IDLE still gets a sliver of a saturated core, so the work
-    is delayed, never stopped; the live log keeps every entry meanwhile.
+    At nice 10 a scheduled seal still took a tenth of a core the daemon kept busy (spawned beside
+    `gateway.py`'s c=16 phase with a budget: added p99 15.0 ms, against 10-13 ms in other runs).
+    SCHED_IDLE keeps a sliver of a saturated core, so a scheduled seal is delayed, never stopped,
+    and the live log keeps every entry meanwhile. What an operator asks for (`charter archive seal`,
+    `verify`) stays at nice 10: on a machine kept busy, by a local model say, it would wait minutes.
     """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # the whole process: pid 0
-        return
-    except (OSError, AttributeError):
-        pass
+    if background:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # the whole process: pid 0
+            return
+        except (OSError, AttributeError):
+            pass
     try:
         os.nice(CHILD_NICE)
     except OSError:
         pass
 
 
-async def run_in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` in a fresh child process (spawned, not forked: the daemon has threads),
-    niced; the result comes back pickled. The process exits when it is done."""
+async def run_in_child(job: Callable[[], T], *, background: bool | None = None) -> T:
+    """`job()` in a fresh child process (spawned, not forked: the daemon has threads), at a lower
+    priority (`_lower_priority`; `background` defaults to whether the archivist's schedule asks);
+    the result comes back pickled. The process exits when it is done."""
+    idle = _SCHEDULED.get() if background is None else background
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_lower_priority)
+                               initializer=_lower_priority, initargs=(idle,))
     try:
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(pool, job)
     finally:
         pool.shutdown(wait=False)
 
@@ -193,6 +201,7 @@ class Archivist:
     async def _run(self) -> None:
         # The identity (key, certificate, event) is set up by the first seal or checkpoint, so that a
         # daemon that never has anything to archive adds nothing to the log.
+        _SCHEDULED.set(True)  # background work (`_lower_priority`), in this task's context only
         while True:
             await asyncio.sleep(self.poll)
             try:
@@ -449,9 +458,9 @@ class Archivist:
         do not.
         """
         async with self._lock:  # (and `charter archive verify` holds the layout's lock: `Layout.reading`)
-            report = await run_in_child(verify_archive, self.layout.root,
-                                        db_path=self.db_path if self.sqlite else None,
-                                        root=self.root_key.public, signatures=signatures)
+            report = await run_in_child(functools.partial(
+                verify_archive, self.layout.root, db_path=self.db_path if self.sqlite else None,
+                root=self.root_key.public, signatures=signatures))
         first = report.sorted_breaks()[0] if report.breaks else None
         self.last_verify = {"ok": report.ok, "at": time.time(), "first_bad_seq": report.first_bad,
                             "reason": first.reason if first else None}
