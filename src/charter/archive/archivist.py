@@ -43,8 +43,8 @@ from charter.identity.keys import PublicKey, SigningKey
 
 log = logging.getLogger("charter.archive")
 T = TypeVar("T")
-CHILD_NICE = 10  # an operator's seal or verification; and background work where SCHED_IDLE is refused
-# Set in the archivist's own schedule (`tick`): what it runs is background work (see `_lower_priority`).
+CHILD_NICE = 10  # what the operator asks for; the schedule's work too where SCHED_IDLE is refused
+# True in the archivist's own task (`_run`): what its schedule runs is background work (`_lower_priority`).
 _SCHEDULED: contextvars.ContextVar[bool] = contextvars.ContextVar("charter_archive_scheduled", default=False)
 
 
