@@ -1,7 +1,8 @@
 """The archivist: the daemon's component that seals, checkpoints, mirrors and trims the log.
 
-It works in the background of `charter up` (a task on the daemon's loop; the file work runs in
-threads), and the CLI drives the same class directly when no daemon is running. Every step it takes
+It works in the background of `charter up` (a task on the daemon's loop; seals, syncs and
+verifications run in child processes, the rest of the file work in threads), and the CLI drives the
+same class directly (in threads) when no daemon is running. Every step it takes
 that matters is an event on the bus, signed by the root key like other daemon events:
 
     charter.archive.identity      the archivist's key and its root-signed certificate
@@ -19,7 +20,6 @@ lock (archive/.lock) across processes.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import multiprocessing
@@ -43,40 +43,26 @@ from charter.identity.keys import PublicKey, SigningKey
 
 log = logging.getLogger("charter.archive")
 T = TypeVar("T")
-CHILD_NICE = 10  # what the operator asks for; the schedule's work too where SCHED_IDLE is refused
-# True in the archivist's own task (`_run`): what its schedule runs is background work (`_lower_priority`).
-_SCHEDULED: contextvars.ContextVar[bool] = contextvars.ContextVar("charter_archive_scheduled", default=False)
+CHILD_NICE = 10  # a seal, sync or verification in the background yields the CPU to the daemon
 
 
-def _lower_priority(background: bool) -> None:
-    """A child yields the CPU to the daemon: at nice 10, or under Linux's SCHED_IDLE for the
-    archivist's scheduled work, which then takes only what the daemon leaves of a core.
-
-    At nice 10 a scheduled seal still took a tenth of a core the daemon kept busy (spawned beside
-    `gateway.py`'s c=16 phase with a budget: added p99 15.0 ms, against 10-13 ms in other runs).
-    SCHED_IDLE keeps a sliver of a saturated core, so a scheduled seal is delayed, never stopped,
-    and the live log keeps every entry meanwhile. What an operator asks for (`charter archive seal`,
-    `verify`) stays at nice 10: on a machine kept busy, by a local model say, it would wait minutes.
-    """
-    if background:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # the whole process: pid 0
-            return
-        except (OSError, AttributeError):
-            pass
+def _lower_priority() -> None:
+    """Nice 10, not SCHED_IDLE: a child starved under SCHED_IDLE on a busy machine would hold what
+    it holds (the archive's lock, a mirror's lock, a read of charter.db) for as long as it waits,
+    and an operator's `charter archive seal` or `verify` would wait behind it. (Measured beside
+    the gateway at c=16 with a budget, against nice 10: added p99 x0.53 in one run, x1.31 in the
+    next; no gain that shows through the noise.)"""
     try:
         os.nice(CHILD_NICE)
     except OSError:
         pass
 
 
-async def run_in_child(job: Callable[[], T], *, background: bool | None = None) -> T:
-    """`job()` in a fresh child process (spawned, not forked: the daemon has threads), at a lower
-    priority (`_lower_priority`; `background` defaults to whether the archivist's schedule asks);
-    the result comes back pickled. The process exits when it is done."""
-    idle = _SCHEDULED.get() if background is None else background
+async def run_in_child(job: Callable[[], T]) -> T:
+    """`job()` in a fresh child process (spawned, not forked: the daemon has threads), niced; the
+    result comes back pickled. The process exits when it is done."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_lower_priority, initargs=(idle,))
+                               initializer=_lower_priority)
     try:
         return await asyncio.get_running_loop().run_in_executor(pool, job)
     finally:
@@ -130,7 +116,7 @@ class Archivist:
                  *, sqlite: bool = True, isolated: bool = False) -> None:
         self.home, self.config, self.root_key, self.log, self.emit = home, config, root_key, log_, emit
         self.sqlite = sqlite  # the live log is charter.db (retention and the live cross-check need it)
-        self.isolated = isolated  # seal, sync and prune in a child process: the event loop keeps the GIL
+        self.isolated = isolated  # seal and sync in a child process: the event loop keeps the GIL
         self.layout = Layout(home.root / "archive")
         self.db_path = home.db_path
         self.key: SigningKey | None = None
@@ -201,7 +187,6 @@ class Archivist:
     async def _run(self) -> None:
         # The identity (key, certificate, event) is set up by the first seal or checkpoint, so that a
         # daemon that never has anything to archive adds nothing to the log.
-        _SCHEDULED.set(True)  # background work (`_lower_priority`), in this task's context only
         while True:
             await asyncio.sleep(self.poll)
             try:
@@ -311,8 +296,8 @@ class Archivist:
         }
 
     async def _offload(self, job: Callable[[], T]) -> T:
-        """Run long Python work (a seal, a mirror's sync and its verification, a prune) in a child
-        process when this is the daemon (`isolated`), else in a thread: see `verify`."""
+        """Run long Python work (a seal, a mirror's sync and its verification) in a child process
+        when this is the daemon (`isolated`), else in a thread: see `verify`."""
         if self.isolated:
             return await run_in_child(job)
         return await asyncio.to_thread(job)
@@ -323,8 +308,8 @@ class Archivist:
         On SQLite the work reads charter.db itself (`seal_waiting`), in a child process when this is
         the daemon: reading and hashing a segment of 10,000 entries is ~0.2 s of Python, and in a
         thread it held the GIL against the event loop that long (`gateway_compare --priced
-        --concurrency 16`, 12,000 requests a side, a seal in each: added p99 x0.66 in a child).
-        Any other log is read through the EventLog, here.
+        --concurrency 16`, 12,000 requests a side, a seal in each daemon: added p99 x0.66 in a
+        child; with the seal switched off, x0.86). Any other log is read through the EventLog, here.
         """
         c = self.config
         if self.sqlite:
@@ -437,9 +422,10 @@ class Archivist:
                 return {"pruned": 0, "horizon_seq": horizon_of(self.db_path), "reason": why}
             cutoff = (now_ms if now_ms is not None else int(time.time() * 1000)) - int(c.hot_retention * 1000)
 
-            job = functools.partial(prune_archived, self.db_path, self.layout.root, safe_seq=safe, cutoff_ts=cutoff,
-                                    root_key=self.root_key.public)
-            result = await self._offload(job)
+            # In a thread, not a child: its DELETEs hold charter.db's write lock, which the daemon's
+            # appends wait for on the loop; a niced child, preempted meanwhile, would hold it longer.
+            result = await asyncio.to_thread(prune_archived, self.db_path, self.layout.root, safe_seq=safe,
+                                             cutoff_ts=cutoff, root_key=self.root_key.public)
         if result["pruned"]:
             await self.emit("charter.archive.pruned", result)
         return result

@@ -62,9 +62,9 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-    # The archivist seals and verifies in worker threads: a thread busy in Python keeps the GIL for
-    # the whole switch interval (5 ms by default) each time the event loop wants it back, several
-    # times per request. 1 ms keeps a publish's tail short while a segment of 10,000 is sealed.
+    # Worker threads busy in Python (a prune, a capsule build; a seal on a NATS log) keep the GIL
+    # for the whole switch interval (5 ms by default) each time the event loop wants it back,
+    # several times per request. 1 ms keeps a publish's tail short meanwhile.
     sys.setswitchinterval(0.001)
 
 
