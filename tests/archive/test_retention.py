@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from charter.archive.archivist import Archivist
 from charter.archive.query import Query, events
 from charter.archive.verify import verify_archive
@@ -99,6 +101,32 @@ def _sql(home: Home, sql: str, *args: Any) -> None:
         db.execute(sql, args)
     finally:
         db.close()
+
+
+def test_a_large_prune_is_cut_into_short_transactions(built: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each transaction deletes at most PRUNE_BATCH entries (the daemon's appends wait for its
+    write lock); batch by batch, the horizon, its running total and the chain come out as in one."""
+    import charter.archive.archivist as archivist_module
+
+    monkeypatch.setattr(archivist_module, "PRUNE_BATCH", 10)
+    deletes: list[int] = []
+    real = archivist_module.prune
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["batch"] == 10
+        r = real(*args, **kwargs)
+        deletes.append(r["pruned"])
+        return r
+
+    monkeypatch.setattr(archivist_module, "prune", counting)
+    configure(built, hot_retention="30d", prune_unmirrored=True)
+    assert run(built, lambda a: a.prune(LATER)) == {"pruned": ARCHIVED, "horizon_seq": ARCHIVED}
+    assert deletes == [10, 10, 10, 10, ARCHIVED - 40, 0]
+    db = sqlite3.connect(built.db_path)
+    assert db.execute("SELECT seq, pruned FROM log_horizon").fetchone() == (ARCHIVED, ARCHIVED)
+    db.close()
+    report = check(built)
+    assert report.ok and report.horizon_seq == ARCHIVED, report.to_dict()
 
 
 def test_tampering_across_the_retention_boundary(built: Home) -> None:
