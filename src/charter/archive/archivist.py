@@ -2,8 +2,8 @@
 
 It works in the background of `charter up` (a task on the daemon's loop; seals, syncs and
 verifications run in child processes, the rest of the file work in threads), and the CLI drives the
-same class directly (in threads) when no daemon is running. Every step it takes
-that matters is an event on the bus, signed by the root key like other daemon events:
+same class directly (in threads) when no daemon is running. Every step it takes that matters is an
+event on the bus, signed by the root key like other daemon events:
 
     charter.archive.identity      the archivist's key and its root-signed certificate
     charter.archive.checkpoints   each checkpoint ({"checkpoint": {...}})
