@@ -4,7 +4,6 @@ call and publish) for as long as it ran."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from charter.identity.registry import OPERATOR_ID
 from tests.conftest import make_home
 
 from .conftest import configure, root_key
+from .test_daemon import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -96,10 +96,7 @@ async def test_the_daemon_seals_and_syncs_in_children(tmp_path: Path, monkeypatc
     try:
         for i in range(6):
             await node.emit("charter.test.entry", {"n": i})
-        deadline = time.monotonic() + 30
-        while not {"seal_waiting", "sync_mirror"} <= set(ran):
-            assert time.monotonic() < deadline, ran
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: {"seal_waiting", "sync_mirror"} <= set(ran), timeout=30)
         ran.clear()
         await node.emit("charter.test.entry", {"n": 6})
         result = await node.archivist.seal(partial=True)  # what the API's POST /v1/admin/archive/seal runs

@@ -228,10 +228,11 @@ check = {{ kind = "tcp" }}
         await wait_until(lambda: len(starts.read_text().splitlines()) == 5, timeout=10)  # automatic restarts again
         # The restart's event is appended once the launcher returns, and the process it started may
         # have written its line before that.
-        deadline = time.monotonic() + 10
-        while len(found := await restarts_of(node, "ai.test.flapping")) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        third = found[2]
+        async def three() -> list[dict]:
+            found = await restarts_of(node, "ai.test.flapping")
+            return found if len(found) >= 3 else []
+
+        third = (await wait_until(three, timeout=10))[2]
         assert third["automatic"] and third["attempt"] == 1
     finally:
         await sup.close()  # first, or it would restart what is killed next

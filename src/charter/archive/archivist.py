@@ -95,20 +95,15 @@ def seal_waiting(root: Path, db_path: Path, *, segment_entries: int, partial: bo
         db.close()
 
 
-# Entries removed per transaction. Its DELETE holds charter.db's write lock, and the daemon's appends
-# wait for it on the event loop: 50,000 at a time (retention's own default) held it ~0.3 s here, 2,000
-# about 10 ms. The price: a segment's file is read again for each batch that falls in it.
-PRUNE_BATCH = 2_000
-
-
 def prune_archived(db_path: Path, root: Path, *, safe_seq: int, cutoff_ts: int, root_key: PublicKey) -> dict[str, Any]:
     """Remove from charter.db what the archive at `root` holds, up to `safe_seq` and older than
-    `cutoff_ts`, a batch at a time (each entry is compared with its archived copy first)."""
+    `cutoff_ts`, a batch (`retention.BATCH`) at a time, each entry compared with its archived copy
+    first."""
     layout = Layout(root)
     total = 0
     while True:
         with layout.locked():
-            r = prune(db_path, layout, safe_seq=safe_seq, cutoff_ts=cutoff_ts, root=root_key, batch=PRUNE_BATCH)
+            r = prune(db_path, layout, safe_seq=safe_seq, cutoff_ts=cutoff_ts, root=root_key)
         total += r["pruned"]
         if not r["pruned"]:
             return {"pruned": total, "horizon_seq": r["horizon_seq"]}
