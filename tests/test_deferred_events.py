@@ -112,3 +112,22 @@ async def test_the_log_checkpoints_only_when_the_core_is_idle(tmp_path: Path) ->
     finally:
         await log.close()
         await node.close()
+
+
+async def test_a_kick_writes_what_is_queued_and_a_read_of_the_log_sees_it(tmp_path: Path) -> None:
+    """Queued events wait for a `kick` (a model call's request has gone to its backend) or their
+    delay; a read of the log through the daemon writes them first, so it never misses them."""
+    node = Node(make_home(tmp_path / "home"))
+    node.deferred.delay = 60.0
+    try:
+        node.emit_soon("charter.test.soon", {"i": 0})
+        await asyncio.sleep(0.02)
+        assert await _events(node, "charter.test.soon") == []
+        node.deferred.kick()
+        await asyncio.sleep(0.02)
+        assert [p["i"] for p in await _events(node, "charter.test.soon")] == [0]
+        node.emit_soon("charter.test.soon", {"i": 1})
+        read = await node.read_recent(node.operator, "charter.test.soon", 10)  # at once: no kick, no delay
+        assert [loads(e.raw)["payload"]["i"] for e in read] == [0, 1]
+    finally:
+        await node.close()

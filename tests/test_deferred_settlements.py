@@ -224,3 +224,68 @@ async def test_a_reservation_whose_alert_cannot_be_published_is_given_back(tmp_p
         assert [s for (s,) in states] == ["released", "released"]
     finally:
         await node.close()
+
+
+async def test_a_settlement_waits_for_a_kick_or_its_delay(tmp_path: Path) -> None:
+    """In the daemon a settlement waits for the loop to have time to spare: a `kick` (a later call's
+    request has gone to its backend) books it at once; without one, `delay` after it was queued."""
+    ledger = Ledger(tmp_path / "c.db")
+    queue = DeferredSettlements(ledger, Published(), delay=0.2)
+    try:
+        first, second = held(ledger, 2, usd=1000)
+        queue.add(AGENT, first, usd=400, tokens_in=1, tokens_out=1)
+        await asyncio.sleep(0.01)
+        assert use(ledger) == (2000, 0)  # still held: more spent than there was, never less
+        queue.kick()
+        assert use(ledger) == (1000, 400) and len(queue) == 0
+        queue.add(AGENT, second, usd=300, tokens_in=1, tokens_out=1)
+        await asyncio.sleep(0.05)
+        assert use(ledger) == (1000, 400)
+        await asyncio.sleep(0.3)  # no kick came: the delay books it
+        assert use(ledger) == (0, 700) and queue.booked == 2
+        queue.kick()  # nothing queued: nothing happens
+        assert queue.booked == 2
+    finally:
+        ledger.close()
+
+
+async def test_what_answers_left_is_done_once_the_next_call_has_gone_to_its_backend(tmp_path: Path) -> None:
+    """The gateway's admission of a call announces its backend request (`Node.backend_call_ahead`):
+    the settlement and the call event that earlier answers left queued are then booked and written,
+    two turns of the loop later (behind the HTTP client's task that sends the request), long
+    before their delay."""
+    from charter.models.types import ChatRequest, Final
+    from tests.test_reflect import enrol
+
+    home = make_home(tmp_path / "home")
+    node = Node(home)
+    await node.start()
+    try:
+        node.gov.settlements.delay = node.deferred.delay = 60.0  # only a kick can book or write them
+        agent = await enrol(node, "alice", "worker")
+        cap = Limit(f"agent:{agent.id}", "usd", "day", 1_000_000)
+        node.gov.ledger.set_limit(cap)
+        ref, kind, model = "openai/gpt-4o-mini", "openai", "gpt-4o-mini"
+        governor = node.gateway.governor(agent, "default")
+        first = await governor.admit(ref, kind, model, ChatRequest([{"role": "user", "content": "one"}], 50))
+        await governor.settle(first, Final("stop", 10, 5), "an answer")
+        node.emit_soon("charter.test.call", {"n": 1})
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert node.gov.ledger.usage([cap])[0]["reserved"] == first.reserved_usd  # queued, still held
+        assert len(node.deferred) == 1
+
+        second = await governor.admit(ref, kind, model, ChatRequest([{"role": "user", "content": "two"}], 50))
+        assert node.gov.ledger.usage([cap])[0]["reserved"] == first.reserved_usd + second.reserved_usd
+        await asyncio.sleep(0)
+        assert len(node.gov.settlements) == 1  # one hop: the request's writer task runs first
+        await asyncio.sleep(0)
+        row = node.gov.ledger.usage([cap])[0]
+        assert row["reserved"] == second.reserved_usd and row["committed"] == first.price.cost_micros(10, 5)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [loads(e.raw)["payload"] for e in await node.log.read(0, 10_000)
+                if e.subject == "charter.test.call"] == [{"n": 1}]
+        await governor.release(second)
+    finally:
+        await node.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
+from charter.bus.deferred import DELAY as BOOKKEEPING_DELAY
 from charter.budget.handoff import ReservationHandoff, release_quietly, warn_unreleased
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
@@ -75,8 +76,10 @@ class Governance:
         self.ledger = open_ledger(home, config)  # SQLite, or PostgreSQL ([store] backend)
         # A remote ledger is asked from these threads, never from the loop (`ask_ledger`).
         self.ledger_threads = LedgerThreads()
-        # Model calls' settlements, booked just after their answers (budget/deferred.py).
-        self.settlements = DeferredSettlements(self.ledger, self.publish_alerts, in_thread=self.ledger_threads.call)
+        # Model calls' settlements, booked a moment after their answers, while a later call waits for
+        # its backend (budget/deferred.py).
+        self.settlements = DeferredSettlements(self.ledger, self.publish_alerts, in_thread=self.ledger_threads.call,
+                                               delay=BOOKKEEPING_DELAY)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
         # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
@@ -520,7 +523,9 @@ class Governance:
         return fn(*args, **kw)
 
     async def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
-        """One agent's limits, with what is used and left, and where it may go when they are spent."""
+        """One agent's limits, with what is used and left, and where it may go when they are spent
+        (the settlements of answers delivered already booked first)."""
+        await self.settlements.drain()
         usage = await self.ask_ledger(lambda: self.ledger.usage(self.limits_for(agent)))
         return {"agent_id": agent.id, "limits": usage, "free_models": self.free_models(agent)}
 
@@ -535,7 +540,14 @@ class Governance:
         return self.ledger.usage(limits)
 
     async def budget_overview(self, agents: Iterable[AgentRecord]) -> list[dict[str, Any]]:
+        """`budget_rows`, the settlements of answers delivered already booked first."""
+        await self.settlements.drain()
         return await self.ask_ledger(self.budget_rows, list(agents))
+
+    async def spend_history(self, **kw: Any) -> list[dict[str, Any]]:
+        """`ledger.history`, the settlements of answers delivered already booked first."""
+        await self.settlements.drain()
+        return await self.ask_ledger(self.ledger.history, **kw)
 
 
 def _approval_event(a: Approval) -> dict[str, Any]:

@@ -150,6 +150,20 @@ class Node:
             except Exception:  # noqa: BLE001 - keep sweeping; the next pass retries
                 log.exception("sweep failed")
 
+    def backend_call_ahead(self) -> None:
+        """A model call is about to go to its backend: the loop will have a round trip to spare.
+
+        What earlier answers left to do (their settlements, their call events) is done then, just
+        after the request is sent: two hops of the loop put it behind the HTTP client's task that
+        writes the request (aiohttp, before Python 3.12). See charter.bus.deferred."""
+        if self.deferred or self.gov.settlements:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._bookkeeping)
+
+    def _bookkeeping(self) -> None:
+        self.gov.settlements.kick()
+        self.deferred.kick()
+
     async def close(self) -> None:
         await self.gov.settlements.drain()  # queued settlements (their alerts are events)
         await self.deferred.drain()  # queued events first, while everything they need is open
@@ -279,8 +293,9 @@ class Node:
         return [o.error.message if o.error else None for o in outcomes]
 
     def emit_soon(self, subject: str, payload: Any) -> None:
-        """`emit`, for an event nobody waits for: queued, and written at the next turn of the loop
-        with every other event queued in this one, in one transaction (see charter.bus.deferred).
+        """`emit`, for an event nobody waits for: queued, and written with every other event queued
+        meanwhile, in one transaction, while a model call waits for its backend, or 5 ms later at
+        the latest (see charter.bus.deferred).
         A failure to write it is logged, not raised."""
         rid = request_id.get()
         if rid is not None and isinstance(payload, dict) and "request_id" not in payload:
@@ -358,8 +373,10 @@ class Node:
                 yield None
 
     async def read_recent(self, agent: AgentRecord, pattern: str, limit: int, before_seq: int | None = None) -> list[LogEntry]:
-        """The last `limit` entries matching `pattern` (for `charter tail` and the agent's view)."""
+        """The last `limit` entries matching `pattern` (for `charter tail` and the agent's view),
+        the events still queued (`emit_soon`) included."""
         self.check_subscription(agent, pattern)
+        await self.deferred.drain()
         head = (await self.log.head())[0] if before_seq is None else before_seq - 1
         out: list[LogEntry] = []
         cursor = head

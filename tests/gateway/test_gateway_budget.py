@@ -172,3 +172,21 @@ async def test_a_daemon_killed_mid_call_books_the_whole_reservation_at_its_expir
         assert [(h["calls"], h["usd_micros"]) for h in ledger.history(by="model")] == [(1, usd)]
     finally:
         ledger.close()
+
+
+async def test_a_budget_read_right_after_an_answer_finds_it_booked(priced: Priced, clients: Clients) -> None:
+    """A settlement is booked while a later call waits for its backend, or 5 ms after the answer;
+    a budget read through the daemon books what is queued first: it never shows an answer already
+    delivered as still held, nor its spend as missing."""
+    await priced.limit(1.0)
+    for i in range(3):
+        before = (await priced.history()).get(BACKUP, {"usd_micros": 0, "calls": 0})
+        reply = await clients.chat(OPENAI, "paid_only", [{"role": "user", "content": f"read at once {i}"}],
+                                   stream=False, max_tokens=8)
+        doc = await priced.fleet.daemon.admin("GET", "/v1/admin/budget")  # at once: no poll, no sleep
+        (row,) = [r for r in doc["budgets"] if r["name"] == "alpha" and r["unit"] == "usd" and r["period"] == "day"]
+        assert row["reserved"] == 0
+        after = (await priced.history())[BACKUP]
+        assert after["calls"] == before["calls"] + 1
+        tokens = reply.prompt_tokens + reply.completion_tokens
+        assert after["usd_micros"] - before["usd_micros"] == round(tokens * PER_TOKEN_USD * 1e6)

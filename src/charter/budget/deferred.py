@@ -1,4 +1,4 @@
-"""Model calls' settlements, booked just after their answers, many in one transaction.
+"""Model calls' settlements, booked a moment after their answers, many in one transaction.
 
 A gateway call with a budget takes two ledger transactions. The reservation must come before the
 backend is called: it is what keeps concurrent calls from crossing a cap. The settlement need not
@@ -7,21 +7,27 @@ admission meanwhile sees more spent than there was, never less. Booked inline, a
 time, it cost ~0.12 ms of SQLite work in isolation and ~0.28 ms in the daemon (its COMMIT, and the
 pages the log's writes had made stale), all of it before the answer went out.
 
-`DeferredSettlements` books them at the next turn of the loop instead, up to `MAX_BATCH` in one
-transaction (`settle_batch`), so under load several calls share one COMMIT; more than that are
-booked over the following turns, a slice per turn, so that the requests in flight get the loop in
+`DeferredSettlements` books them a moment later instead, up to `MAX_BATCH` in one transaction
+(`settle_batch`), so under load several calls share one COMMIT; more than that are booked over the
+following turns of the loop, a slice per turn, so that the requests in flight get the loop in
 between (at 16 calls in flight, one transaction for all of them held up the slowest answers: added
-p99 x1.2 side by side, against x0.85 with slices of 8). The first slice's turn comes before any new
-request's handler runs, so a budget read after an answer sees it booked (under load, one may see a
-later slice's reservations still held: more spent than there was, never less).
+p99 x1.2 side by side, against x0.85 with slices of 8).
 
-What it costs: a daemon killed between an answer and that turn leaves the reservation held, as
+When: in the daemon, while it waits for a backend. Booked at the next turn of the loop, as they
+were, the settlement fell just when an agent calling one request at a time sent its next request,
+which waited for it. The gateway now calls `kick` (through `Node.backend_call_ahead`) once the next
+model call's request has gone upstream, with `delay` (5 ms there) as the latest when no call comes;
+see charter.bus.deferred, whose call events are written at the same moment. Until booked, a
+reservation stays held at its full amount: a budget read meanwhile sees more spent than there was,
+never less, and the daemon's budget reads book what is queued first (`drain`).
+
+What it costs: a daemon killed between an answer and its booking leaves the reservation held, as
 one killed while the backend was still answering does; its expiry books it in full (the gateway
-reserves with `on_expiry = "book"`), more than was spent, never less. The window this adds is one
-turn of the loop. A settlement that fails (a reservation unknown or closed already, a database
+reserves with `on_expiry = "book"`), more than was spent, never less. The window this adds is
+`delay` at most. A settlement that fails (a reservation unknown or closed already, a database
 error) is logged with its reservation and agent, never raised into an answer sent already; its
 reservation, still held, is booked in full at its expiry too. Overrun alerts are published once
-booked. `drain` books whatever is queued (shutdown).
+booked. `drain` books whatever is queued (shutdown, a budget read).
 
 A remote ledger (PostgreSQL, `ledger.remote`) is booked from a worker thread instead, a slice at a
 time: a round trip, or a usage row that another daemon's reservation holds locked, then keeps one
@@ -56,10 +62,11 @@ class BatchLedger(Protocol):
 
 class DeferredSettlements:
     def __init__(self, ledger: BatchLedger, publish_alerts: Publish, *, max_batch: int = MAX_BATCH,
-                 in_thread: InThread = asyncio.to_thread) -> None:
-        """`in_thread` runs a remote ledger's booking on a worker thread (`LedgerThreads.call`)."""
+                 in_thread: InThread = asyncio.to_thread, delay: float = 0.0) -> None:
+        """`in_thread` runs a remote ledger's booking on a worker thread (`LedgerThreads.call`);
+        `delay` is how long a settlement may wait for a `kick` (0: the next turn of the loop)."""
         self._ledger, self._publish, self._in_thread = ledger, publish_alerts, in_thread
-        self.max_batch = max_batch
+        self.max_batch, self.delay = max_batch, delay
         self._pending: list[tuple[SettleItem, AgentRecord]] = []
         self._handle: asyncio.Handle | None = None
         self._remote: asyncio.Task[None] | None = None  # a remote ledger's booking, on a worker thread
@@ -71,10 +78,18 @@ class DeferredSettlements:
         return len(self._pending)
 
     def add(self, agent: AgentRecord, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int) -> None:
-        """Queue one settlement; it is booked at the next turn of the loop."""
+        """Queue one settlement; it is booked by the next `kick`, or `delay` later."""
         self._pending.append((SettleItem(reservation_id, usd, tokens_in, tokens_out, agent.id), agent))
         if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
+            loop = asyncio.get_running_loop()
+            self._handle = (loop.call_later(self.delay, self._next_turn) if self.delay > 0
+                            else loop.call_soon(self._next_turn))
+
+    def kick(self) -> None:
+        """Book what is queued now: the loop has time to spare (a backend call is on its way)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._next_turn()
 
     def flush(self, *, publish: bool = True) -> None:
         """Book everything queued now, `max_batch` per transaction. With `publish=False` (the

@@ -4,8 +4,8 @@
 action `model.call`, paid models are T2, with the estimated `amount_usd` for amount rules), is the
 tier's per-action cap kept, and does the budget hold the most it could cost? It goes through
 `Governance.admit_spend`, the same checks as the reserve API. A refused paid rung is skipped so the
-call degrades to the free ones. After the call, the real usage is settled (booked a turn of the loop
-later, with other calls', see charter.budget.deferred) and one event records the
+call degrades to the free ones. After the call, the real usage is settled (booked a moment later, with
+other calls', while a later call waits for its backend: see charter.budget.deferred) and one event records the
 agent, alias, backend, each rung's decision, each fallback and why, tokens, cost and latency, with
 hashes of prompt and answer by default.
 
@@ -141,6 +141,8 @@ class CallGovernor:
                 await gov.give_back(res.id, self.agent.id)
             raise
         self.decisions.append(entry)
+        if not degraded:  # what earlier calls left to book and write is done while this one waits
+            self.gw.node.backend_call_ahead()
         if res is None:  # no budget applies: the request keeps its own limit, or none
             return Admission(ref, price if not degraded else FREE, None, 0, est_in, max_out)
         if req.max_tokens is None:  # the reservation is sized on this: the backend must not outgrow it
@@ -150,7 +152,7 @@ class CallGovernor:
     async def settle(self, adm: Admission, final: Final | None, text: str) -> None:
         """Book the real usage; without it (a broken stream) an upper bound of what was delivered.
 
-        The reservation stays held until the settlement is booked, a turn of the loop later."""
+        The reservation stays held until the settlement is booked, a moment later."""
         if final is not None and (final.prompt_tokens or final.completion_tokens):
             t_in, t_out = final.prompt_tokens, final.completion_tokens
         else:  # no usage reported: the prompt's bound, and at most a token per delivered byte
@@ -162,7 +164,7 @@ class CallGovernor:
         self.tokens_in += t_in
         self.tokens_out += t_out
         self.usd += usd
-        if adm.reservation_id:  # booked at the next turn of the loop, after the answer (budget/deferred.py)
+        if adm.reservation_id:  # booked a moment after the answer (budget/deferred.py)
             self.gw.node.gov.settlements.add(self.agent, adm.reservation_id, usd=usd, tokens_in=t_in,
                                              tokens_out=t_out)
 

@@ -197,9 +197,9 @@ def add_gateway_routes(app: FastAPI, node: Node, gateway: Gateway) -> None:
         model_name = data["model"]
         if not stream:
             assert result is not None
-            # The answer's settlement is queued already (booked at the next turn of the loop); its
-            # call event is queued once the body is sent and written with others a moment later, so
-            # the agent waits for neither the ledger, the signing nor the log write (see
+            # The answer's settlement is queued already; its call event is queued once the body is
+            # sent. Both are done while a later call waits for its backend (Node.backend_call_ahead),
+            # so the agent waits for neither the ledger, the signing nor the log write (see
             # docs/architecture.md, "The gateway").
             return Response(orjson.dumps(_whole(api, model_name, text, result, gov, generate)),
                             media_type="application/json",

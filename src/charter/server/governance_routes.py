@@ -207,7 +207,7 @@ def add_governance_routes(app: FastAPI, node: Node, caller: Auth, operator: Auth
     async def budget_history(request: Request, by: str = "day", since_ms: int = 0, agent: str | None = None) -> Response:
         await operator(request)
         agent_id = node.registry.find(agent).id if agent else None
-        rows = await gov.ask_ledger(gov.ledger.history, by=by, since_ms=since_ms, agent_id=agent_id)
+        rows = await gov.spend_history(by=by, since_ms=since_ms, agent_id=agent_id)
         if by == "agent":
             names = {a.id: a.name for a in node.registry.all()}
             for r in rows:
