@@ -876,3 +876,22 @@ def test_the_ledgers_commits_do_not_checkpoint_inline_at_sqlites_default(tmp_pat
         assert pairs < 20_000
     assert (db.stat().st_size, db.stat().st_mtime_ns) == before
     ledger.close()
+
+
+def test_a_reservation_with_headroom_needs_that_much_left_after_it(tmp_path: Path) -> None:
+    """`headroom` (a spare reservation's, charter.budget.spares): refused unless every limit keeps
+    that many times the amount free after it; without it the same amount fits."""
+    ledger = Ledger(tmp_path / "b.db")
+    try:
+        lim = [Limit("global", "usd", "day", 1000)]
+        ask = {"agent_id": "agt_a", "role": "w", "usd": 100, "tokens": 0, "limits": lim}
+        ledger.reserve(**ask, headroom=8)  # 1000 left: 100 + 8 x 100 fits
+        ledger.reserve(**ask, headroom=8)  # 900 left: exactly
+        with pytest.raises(CharterError) as refused:
+            ledger.reserve(**ask, headroom=8)  # 800 left
+        assert refused.value.code == BUDGET_EXCEEDED
+        assert ledger.usage(lim)[0]["reserved"] == 200  # the refusal took nothing
+        ledger.reserve(**ask)  # a call's own reservation needs only its amount
+        assert ledger.usage(lim)[0]["reserved"] == 300
+    finally:
+        ledger.close()

@@ -262,6 +262,7 @@ async def test_what_answers_left_is_done_once_the_next_call_has_gone_to_its_back
     await node.start()
     try:
         node.gov.settlements.delay = node.deferred.delay = 60.0  # only a kick can book or write them
+        node.gov.spares = None  # only what the answers left (spares: tests/test_spares.py)
         agent = await enrol(node, "alice", "worker")
         cap = Limit(f"agent:{agent.id}", "usd", "day", 1_000_000)
         node.gov.ledger.set_limit(cap)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from charter.budget.deferred import DeferredSettlements
-from charter.bus.deferred import DELAY as BOOKKEEPING_DELAY
 from charter.budget.handoff import ReservationHandoff, release_quietly, warn_unreleased
 from charter.budget.ledger import BUDGET_EXCEEDED, Limit, Reservation
 from charter.budget.store import open_ledger
 from charter.budget.threads import LedgerThreads
 from charter.budget.prices import FREE, MICRO, Price, PriceTable
+from charter.budget.spares import Spares
+from charter.bus.deferred import DELAY as BOOKKEEPING_DELAY
 from charter.bus.envelope import Envelope
 from charter.bus.log.base import Receipt
 from charter.bus.subjects import SubjectError, validate_pattern
@@ -82,6 +83,10 @@ class Governance:
                                                delay=BOOKKEEPING_DELAY)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
+        # The next model call's reservation, made ahead for an agent that calls often (budget/spares.py);
+        # the local ledger only.
+        self.spares = Spares(self.ledger) if not self.ledger.remote else None
+        self._alert_tasks: set[asyncio.Task[None]] = set()
         # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
         self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
@@ -91,6 +96,8 @@ class Governance:
         before the ledger's connections are closed under them. That wait blocks the caller: on
         the event loop, close `ledger_threads` from a thread first, as `Node.close` does."""
         self.settlements.flush(publish=False)  # Node.close drained them; the log may be closed by now
+        if self.spares is not None:
+            self.spares.release_all()
         self.ledger_threads.close(wait)
         self.versions.close()
         self.approvals.close()
@@ -269,7 +276,7 @@ class Governance:
 
     def admit_spend(self, agent: AgentRecord, action: str, attrs: dict[str, Any], *, usd: int, tokens: int,
                     model: str, ttl_s: float, approval_id: str | None = None, limits: list[Limit] | None = None,
-                    reserve: bool | None = True, on_expiry: str = "release") -> Spend:
+                    reserve: bool | None = True, on_expiry: str = "release", spare: bool = False) -> Spend:
         """Policy, approval, tier cap and budget for one spend, in that order, publishing nothing.
 
         The one path every spend takes (the reserve API and the gateway's model calls), so a tier cap
@@ -277,25 +284,28 @@ class Governance:
         through only with an approval: `approval_id`, or a window covering this agent and action; a
         one-shot approval is spent on this reservation exactly once. With `reserve=False`, or no limit
         to reserve against when `reserve` is None, nothing is reserved. `on_expiry` is the ledger's
-        (`Ledger.reserve`). Raises SpendRefused. On the event loop, use `admit_spend_async`.
+        (`Ledger.reserve`). `spare`: the reservation may be a spare made ahead, and one is made for
+        the next call like it (charter.budget.spares; the gateway's calls). Raises SpendRefused. On
+        the event loop, use `admit_spend_async`.
         """
         d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
         if reserve is False:
             return Spend(d, None, usd, approval)
-        res = self._spend_reserve(agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry)
+        res = self._spend_reserve(agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry, spare)
         return self._spend_bound(d, res, usd, approval)
 
     async def admit_spend_async(self, agent: AgentRecord, action: str, attrs: dict[str, Any], *, usd: int,
                                 tokens: int, model: str, ttl_s: float, approval_id: str | None = None,
                                 limits: list[Limit] | None = None, reserve: bool | None = True,
-                                on_expiry: str = "release") -> Spend:
+                                on_expiry: str = "release", spare: bool = False) -> Spend:
         """`admit_spend` for a caller on the event loop. A ledger across the network (PostgreSQL) is
         asked from a worker thread: its round trips, and the row locks another daemon's reservations
         hold, would otherwise stall every request this daemon serves meanwhile. The local SQLite
         ledger is asked inline, where a thread hop would cost more than the reservation."""
         if not self.ledger.remote:
             return self.admit_spend(agent, action, attrs, usd=usd, tokens=tokens, model=model, ttl_s=ttl_s,
-                                    approval_id=approval_id, limits=limits, reserve=reserve, on_expiry=on_expiry)
+                                    approval_id=approval_id, limits=limits, reserve=reserve, on_expiry=on_expiry,
+                                    spare=spare)
         d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
         if reserve is False:
             return Spend(d, None, usd, approval)
@@ -361,19 +371,44 @@ class Governance:
 
     def _spend_reserve(self, agent: AgentRecord, action: str, d: Decision, usd: int, tokens: int, model: str,
                        ttl_s: float, limits: list[Limit] | None, reserve: bool | None,
-                       on_expiry: str) -> Reservation | None:
+                       on_expiry: str, spare: bool = False) -> Reservation | None:
         """The ledger's part (on a worker thread for a remote ledger): None when nothing is to be reserved."""
         limits = self.limits_for(agent) if limits is None else limits
         if reserve is None and not limits:
             return None
+        terms = {"agent_id": agent.id, "role": agent.role, "usd": usd, "tokens": tokens, "limits": limits,
+                 "model": model, "action": action, "ttl_s": ttl_s, "on_expiry": on_expiry}
+        spares = self.spares if spare else None
+        key = Spares.key(agent.id, agent.role, model, action, on_expiry, ttl_s, limits)
+        res = spares.take(key, usd, tokens) if spares is not None else None
+        if res is None:
+            try:
+                res = self._reserve(terms)
+            except CharterError as exc:
+                if exc.code != BUDGET_EXCEEDED:
+                    raise
+                msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
+                raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
+        if spares is not None:
+            spares.want(key, terms, functools.partial(self._publish_soon, agent))
+        return res
+
+    def _reserve(self, terms: dict[str, Any]) -> Reservation:
+        """`ledger.reserve`; refused while spares are held, it is asked again once they are given
+        back: money held for calls not yet made never refuses one being made."""
         try:
-            return self.ledger.reserve(agent_id=agent.id, role=agent.role, usd=usd, tokens=tokens, limits=limits,
-                                       model=model, action=action, ttl_s=ttl_s, on_expiry=on_expiry)
+            return self.ledger.reserve(**terms)
         except CharterError as exc:
-            if exc.code != BUDGET_EXCEEDED:
+            if exc.code != BUDGET_EXCEEDED or self.spares is None or not self.spares.held():
                 raise
-            msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
-            raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
+        self.spares.release_all()
+        return self.ledger.reserve(**terms)
+
+    def _publish_soon(self, agent: AgentRecord, alerts: list[dict[str, Any]]) -> None:
+        """A spare's alerts, published from the loop's bookkeeping (nobody waits for them)."""
+        task = asyncio.get_running_loop().create_task(self.publish_alerts(agent, alerts))
+        self._alert_tasks.add(task)
+        task.add_done_callback(self._alert_tasks.discard)
 
     def _spend_bound(self, d: Decision, res: Reservation | None, usd: int, approval: Approval | None,
                      release: Callable[[str], None] | None = None) -> Spend:
@@ -524,8 +559,8 @@ class Governance:
 
     async def budget_view(self, agent: AgentRecord) -> dict[str, Any]:
         """One agent's limits, with what is used and left, and where it may go when they are spent
-        (the settlements of answers delivered already booked first)."""
-        await self.settlements.drain()
+        (the settlements of answers delivered already booked first, spares given back)."""
+        await self.settled()
         usage = await self.ask_ledger(lambda: self.ledger.usage(self.limits_for(agent)))
         return {"agent_id": agent.id, "limits": usage, "free_models": self.free_models(agent)}
 
@@ -540,14 +575,21 @@ class Governance:
         return self.ledger.usage(limits)
 
     async def budget_overview(self, agents: Iterable[AgentRecord]) -> list[dict[str, Any]]:
-        """`budget_rows`, the settlements of answers delivered already booked first."""
-        await self.settlements.drain()
+        """`budget_rows`, the settlements of answers delivered already booked first, spares given back."""
+        await self.settled()
         return await self.ask_ledger(self.budget_rows, list(agents))
 
     async def spend_history(self, **kw: Any) -> list[dict[str, Any]]:
         """`ledger.history`, the settlements of answers delivered already booked first."""
         await self.settlements.drain()
         return await self.ask_ledger(self.ledger.history, **kw)
+
+    async def settled(self) -> None:
+        """Before a budget is read: book what answers left queued, and give the spares back, so that
+        what is reserved is what calls in flight hold (charter.budget.spares)."""
+        await self.settlements.drain()
+        if self.spares is not None:
+            self.spares.release_all()
 
 
 def _approval_event(a: Approval) -> dict[str, Any]:

@@ -146,6 +146,8 @@ class Node:
             await asyncio.sleep(every)
             try:
                 await self.gov.expire_due()
+                if self.gov.spares is not None:
+                    self.gov.spares.expire()  # spares nobody took give their money back
                 await self.gov.ask_ledger(self.gov.ledger.sweep)
             except Exception:  # noqa: BLE001 - keep sweeping; the next pass retries
                 log.exception("sweep failed")
@@ -156,15 +158,20 @@ class Node:
         What earlier answers left to do (their settlements, their call events) is done then, just
         after the request is sent: two hops of the loop put it behind the HTTP client's task that
         writes the request (aiohttp, before Python 3.12). See charter.bus.deferred."""
-        if self.deferred or self.gov.settlements:
+        spares = self.gov.spares
+        if self.deferred or self.gov.settlements or (spares is not None and spares.wanted):
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._bookkeeping)
 
     def _bookkeeping(self) -> None:
         self.gov.settlements.kick()
+        if self.gov.spares is not None:  # the next call's reservation, made ahead (charter.budget.spares)
+            self.gov.spares.refill()
         self.deferred.kick()
 
     async def close(self) -> None:
+        if self.gov.spares is not None:
+            self.gov.spares.release_all()
         await self.gov.settlements.drain()  # queued settlements (their alerts are events)
         await self.deferred.drain()  # queued events first, while everything they need is open
         if self._sweeper:

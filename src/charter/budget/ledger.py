@@ -429,11 +429,13 @@ class Ledger:
 
     def reserve(self, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
                 model: str = "", action: str = "model.call", ttl_s: float = 600.0, on_expiry: str = "release",
-                now: int | None = None) -> Reservation:
+                headroom: int = 0, now: int | None = None) -> Reservation:
         """Take `usd` micro-dollars and `tokens` from every applicable limit, or none of them.
 
         `on_expiry`: what happens to a reservation still held at its TTL: "release" gives its money
-        back, "book" books all of it (a caller that cannot tell, after a crash, what was spent)."""
+        back, "book" books all of it (a caller that cannot tell, after a crash, what was spent).
+        `headroom`: refused unless every limit keeps `headroom` times the amount free after it (a
+        spare reservation, made ahead of a call: charter.budget.spares)."""
         if usd < 0 or tokens < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
         check_on_expiry(on_expiry)
@@ -452,7 +454,7 @@ class Ledger:
                 ).fetchone()
                 reserved, committed, alerted = row if row else (0, 0, 0)
                 left = lim.hard - reserved - committed
-                if amount and amount > left:  # asking nothing always fits, even under a lowered limit
+                if amount and amount * (1 + headroom) > left:  # asking nothing always fits, even under a lowered limit
                     raise CharterError(
                         BUDGET_EXCEEDED,
                         f"{lim.scope} {lim.period} {lim.unit} budget: asked {describe(lim.unit, amount)}, "

@@ -114,7 +114,8 @@ class CallGovernor:
             # expiry books the whole reservation rather than giving it back.
             spend = await gov.admit_spend_async(self.agent, "model.call", attrs, usd=usd, tokens=est_in + max_out,
                                                 model=ref, ttl_s=self.gw.node.config.models.timeouts.total + 60,
-                                                reserve=False if degraded else None, on_expiry="book")
+                                                reserve=False if degraded else None, on_expiry="book",
+                                                spare=not degraded)
         except SpendRefused as err:
             d = err.decision
             if err.code == BUDGET_EXCEEDED:

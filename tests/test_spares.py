@@ -1,0 +1,214 @@
+"""Spare reservations (`charter.budget.spares`): an agent that calls often finds its next call's
+reservation made ahead, while its last call waited for the backend. A spare never lets a cap be
+crossed, never refuses a call, is never made near a cap or near the end of a period, is given
+back when nobody takes it, when the daemon stops and before a budget is read, and a changed limit
+is never bypassed through one."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from charter.budget.ledger import Ledger, Limit
+from charter.budget.spares import Spares
+from charter.identity.registry import AgentRecord
+from charter.models.gateway import Admission, CallGovernor
+from charter.models.router import Skip
+from charter.models.types import ChatRequest, Final
+from charter.node import Node
+from tests.conftest import make_home
+
+pytestmark = pytest.mark.anyio
+
+REF, KIND, MODEL = "openai/gpt-4o-mini", "openai", "gpt-4o-mini"
+
+
+@dataclass
+class Caller:
+    node: Node
+    agent: AgentRecord
+    governor: CallGovernor
+
+    async def admit(self, prompt: str = "hello") -> Admission:
+        adm = await self.governor.admit(REF, KIND, MODEL, ChatRequest([{"role": "user", "content": prompt}], 50))
+        await turns()  # the bookkeeping's hops: what a backend call's wait would give it
+        return adm
+
+    async def call(self, prompt: str = "hello") -> Admission:
+        adm = await self.admit(prompt)
+        await self.governor.settle(adm, Final("stop", 10, 5), "an answer")
+        return adm
+
+    def limit(self, usd_micros: int) -> Limit:
+        lim = Limit(f"agent:{self.agent.id}", "usd", "day", usd_micros)
+        self.node.gov.ledger.set_limit(lim)
+        return lim
+
+    def reserved(self, lim: Limit) -> int:
+        return self.node.gov.ledger.usage([lim])[0]["reserved"]
+
+    def spare_ids(self) -> set[str]:
+        assert self.node.gov.spares is not None
+        return {s.reservation.id for pool in self.node.gov.spares._pools.values() for s in pool}
+
+
+async def turns(n: int = 4) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def caller(tmp_path: Path) -> AsyncIterator[Caller]:
+    from tests.test_reflect import enrol
+
+    node = Node(make_home(tmp_path / "home"))
+    await node.start()
+    try:
+        agent = await enrol(node, "alice", "worker")
+        yield Caller(node, agent, node.gateway.governor(agent, "default"))
+    finally:
+        await node.close()
+
+
+async def one_call_costs(caller: Caller) -> int:
+    """What one call reserves (a throwaway call under a roomy limit, given back)."""
+    caller.limit(10**9)
+    adm = await caller.governor.admit(REF, KIND, MODEL, ChatRequest([{"role": "user", "content": "hello"}], 50))
+    await caller.governor.release(adm)
+    assert caller.node.gov.spares is not None
+    caller.node.gov.spares.release_all()
+    caller.node.gov.spares._last_call.clear()
+    return adm.reserved_usd
+
+
+async def test_an_agent_that_calls_often_takes_its_next_reservation_from_a_spare(caller: Caller) -> None:
+    lim = caller.limit(100 * await one_call_costs(caller))
+    first = await caller.call()
+    assert caller.spare_ids() == set()  # one call is not a habit
+    second = await caller.call()
+    (spare,) = caller.spare_ids()  # the second, within the idle time, made one while it waited
+    assert spare not in (first.reservation_id, second.reservation_id)
+    third = await caller.admit()
+    assert third.reservation_id == spare  # taken from memory: no ledger transaction on its path
+    await caller.governor.settle(third, Final("stop", 10, 5), "an answer")
+    await caller.node.gov.settlements.drain()
+    spares = caller.spare_ids()
+    assert len(spares) == 1 and caller.reserved(lim) == first.reserved_usd  # the next one's, only
+    # every call was booked at its real use, the spares at nothing
+    spent = caller.node.gov.ledger.usage([lim])[0]["committed"]
+    assert spent == 3 * first.price.cost_micros(10, 5)
+
+
+async def test_near_a_cap_no_spare_is_made(caller: Caller) -> None:
+    cost = await one_call_costs(caller)
+    lim = caller.limit(6 * cost)  # less than the headroom a spare needs
+    for _ in range(4):
+        await caller.call()
+    await caller.node.gov.settlements.drain()
+    assert caller.spare_ids() == set() and caller.reserved(lim) == 0
+    rows = caller.node.gov.ledger._db.execute("SELECT COUNT(*) FROM reservations WHERE state = 'released'").fetchone()
+    assert rows[0] == 1  # only one_call_costs' own: nothing was reserved and given back meanwhile
+
+
+async def test_money_a_spare_holds_never_refuses_a_call(caller: Caller) -> None:
+    cost = await one_call_costs(caller)
+    lim = caller.limit(12 * cost)
+    await caller.call()
+    await caller.call()
+    await caller.node.gov.settlements.drain()
+    assert len(caller.spare_ids()) == 1
+    left = 12 * cost - caller.node.gov.ledger.usage([lim])[0]["committed"]
+    # another action asks for everything that is left: only the spare stands in its way
+    spend = caller.node.gov.admit_spend(caller.agent, "model.call", {"provider": KIND, "backend": "openai",
+                                                                     "model": MODEL, "paid": True,
+                                                                     "amount_usd": left / 1e6, "tokens": 0},
+                                        usd=left, tokens=0, model="openai/other", ttl_s=60)
+    assert spend.reservation is not None and spend.reservation.usd == left
+    assert caller.spare_ids() == set() and caller.reserved(lim) == left
+
+
+async def test_a_changed_limit_is_never_bypassed_through_a_spare(caller: Caller) -> None:
+    cost = await one_call_costs(caller)
+    caller.limit(100 * cost)
+    await caller.call()
+    await caller.call()
+    assert len(caller.spare_ids()) == 1
+    committed = caller.node.gov.ledger.usage([Limit(f"agent:{caller.agent.id}", "usd", "day", 0)])[0]["committed"]
+    caller.limit(committed + cost // 2)  # lowered below one call: the spare was made under the old one
+    with pytest.raises(Skip, match="budget"):
+        await caller.admit()
+
+
+async def test_a_spare_nobody_takes_is_given_back(caller: Caller) -> None:
+    lim = caller.limit(100 * await one_call_costs(caller))
+    await caller.call()
+    await caller.call()
+    await caller.node.gov.settlements.drain()
+    (spare,) = caller.spare_ids()
+    spares = caller.node.gov.spares
+    assert spares is not None and caller.reserved(lim) > 0
+    assert spares.expire() == 0  # not yet idle
+    assert spares.expire(now=spares._pools[next(iter(spares._pools))][0].made_ms + spares.idle_ms) == 1
+    assert caller.reserved(lim) == 0
+    state = caller.node.gov.ledger._db.execute("SELECT state FROM reservations WHERE id = ?", (spare,)).fetchone()
+    assert state == ("released",)
+
+
+async def test_a_budget_read_gives_the_spares_back(caller: Caller) -> None:
+    lim = caller.limit(100 * await one_call_costs(caller))
+    await caller.call()
+    await caller.call()
+    assert caller.spare_ids()
+    view = await caller.node.gov.budget_view(caller.agent)
+    (row,) = [r for r in view["limits"] if r["scope"] == lim.scope and r["unit"] == "usd" and r["period"] == "day"]
+    assert row["reserved"] == 0 and caller.spare_ids() == set()
+
+
+async def test_a_stopping_daemon_gives_its_spares_back(tmp_path: Path) -> None:
+    from tests.test_reflect import enrol
+
+    home = make_home(tmp_path / "home")
+    node = Node(home)
+    await node.start()
+    try:
+        agent = await enrol(node, "alice", "worker")
+        caller = Caller(node, agent, node.gateway.governor(agent, "default"))
+        caller.limit(10**9)
+        await caller.call()
+        await caller.call()
+        assert caller.spare_ids()
+    finally:
+        await node.close()
+    db = sqlite3.connect(home.budget_db_path)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM reservations WHERE state = 'held'").fetchone() == (0,)
+    finally:
+        db.close()
+
+
+def test_no_spare_is_made_near_the_end_of_a_period(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "b.db")
+    try:
+        lim = Limit("global", "usd", "hour", 10**9)
+        spares = Spares(ledger)
+        terms: dict[str, Any] = {"agent_id": "agt_a", "role": "w", "usd": 1000, "tokens": 10, "limits": [lim],
+                                 "model": REF, "action": "model.call", "ttl_s": 60.0, "on_expiry": "book"}
+        key = Spares.key("agt_a", "w", REF, "model.call", "book", 60.0, [lim])
+        hour = 1_800_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour
+        end = hour + 3_600_000
+        for made_at, expected in ((end - 3_000, 0), (hour + 1_000, 1)):
+            spares.want(key, terms, lambda alerts: None, now=made_at - 10)
+            spares.want(key, terms, lambda alerts: None, now=made_at - 5)  # a second call: a habit
+            spares.refill(now=made_at)
+            assert spares.held() == expected, made_at
+        assert spares.take(key, 1000, 10, now=hour + 1_000 + spares.idle_ms) is None  # too old to take
+        assert spares.take(key, 1001, 10, now=hour + 1_500) is None  # holds less than asked
+        assert spares.take(key, 999, 10, now=hour + 1_500) is not None
+    finally:
+        ledger.close()
