@@ -893,5 +893,10 @@ def test_a_reservation_with_headroom_needs_that_much_left_after_it(tmp_path: Pat
         assert ledger.usage(lim)[0]["reserved"] == 200  # the refusal took nothing
         ledger.reserve(**ask)  # a call's own reservation needs only its amount
         assert ledger.usage(lim)[0]["reserved"] == 300
+        ledger.reserve(**{**ask, "usd": 490})  # 790 of 1000: below the soft alert's 80%
+        with pytest.raises(CharterError) as alerting:  # room enough, but it would raise the soft alert
+            ledger.reserve(**{**ask, "usd": 10}, headroom=8)
+        assert alerting.value.code == BUDGET_EXCEEDED and "soft alert" in alerting.value.message
+        assert ledger.reserve(**{**ask, "usd": 10}).alerts  # the call that is made raises it
     finally:
         ledger.close()

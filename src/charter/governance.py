@@ -86,7 +86,6 @@ class Governance:
         # The next model call's reservation, made ahead for an agent that calls often (budget/spares.py);
         # the local ledger only.
         self.spares = Spares(self.ledger) if not self.ledger.remote else None
-        self._alert_tasks: set[asyncio.Task[None]] = set()
         # A sub-agent's spending also comes out of its parent's budgets; the Node says who the parent is.
         self.parent_of: Callable[[AgentRecord], AgentRecord | None] = lambda agent: None
 
@@ -390,25 +389,25 @@ class Governance:
                 msg = exc.message.replace(f"agent:{agent.id} ", f"{agent.name}'s ")
                 raise SpendRefused(exc.code, msg, exc.where, d, exc.details) from None
         if spares is not None:
-            spares.want(key, terms, functools.partial(self._publish_soon, agent))
+            spares.want(key, terms)
         return res
 
     def _reserve(self, terms: dict[str, Any]) -> Reservation:
-        """`ledger.reserve`; refused while spares are held, it is asked again once they are given
-        back: money held for calls not yet made never refuses one being made."""
+        """`ledger.reserve`, asked again once if refused while money was held for nothing: the
+        settlements of answers delivered already, still queued (budget/deferred.py), or spares
+        made for calls not yet made (budget/spares.py). Neither may refuse a call being made."""
         try:
             return self.ledger.reserve(**terms)
         except CharterError as exc:
-            if exc.code != BUDGET_EXCEEDED or self.spares is None or not self.spares.held():
+            if exc.code != BUDGET_EXCEEDED or self.ledger.remote:
                 raise
-        self.spares.release_all()
+            queued, spares = len(self.settlements), self.spares.held() if self.spares is not None else 0
+            if not queued and not spares:
+                raise
+        self.settlements.flush()
+        if self.spares is not None:
+            self.spares.release_all()
         return self.ledger.reserve(**terms)
-
-    def _publish_soon(self, agent: AgentRecord, alerts: list[dict[str, Any]]) -> None:
-        """A spare's alerts, published from the loop's bookkeeping (nobody waits for them)."""
-        task = asyncio.get_running_loop().create_task(self.publish_alerts(agent, alerts))
-        self._alert_tasks.add(task)
-        task.add_done_callback(self._alert_tasks.discard)
 
     def _spend_bound(self, d: Decision, res: Reservation | None, usd: int, approval: Approval | None,
                      release: Callable[[str], None] | None = None) -> Spend:
@@ -581,13 +580,13 @@ class Governance:
 
     async def spend_history(self, **kw: Any) -> list[dict[str, Any]]:
         """`ledger.history`, the settlements of answers delivered already booked first."""
-        await self.settlements.drain()
+        await self.settlements.caught_up()
         return await self.ask_ledger(self.ledger.history, **kw)
 
     async def settled(self) -> None:
         """Before a budget is read: book what answers left queued, and give the spares back, so that
         what is reserved is what calls in flight hold (charter.budget.spares)."""
-        await self.settlements.drain()
+        await self.settlements.caught_up()
         if self.spares is not None:
             self.spares.release_all()
 

@@ -164,10 +164,14 @@ class Node:
             loop.call_soon(loop.call_soon, self._bookkeeping)
 
     def _bookkeeping(self) -> None:
-        self.gov.settlements.kick()
+        steps = [self.gov.settlements.kick, self.deferred.kick]
         if self.gov.spares is not None:  # the next call's reservation, made ahead (charter.budget.spares)
-            self.gov.spares.refill()
-        self.deferred.kick()
+            steps.insert(1, self.gov.spares.refill)
+        for step in steps:  # each on its own: one that fails leaves the others done
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - each logs what it could not do; this is the backstop
+                log.exception("the gateway's bookkeeping failed")
 
     async def close(self) -> None:
         if self.gov.spares is not None:
@@ -383,7 +387,7 @@ class Node:
         """The last `limit` entries matching `pattern` (for `charter tail` and the agent's view),
         the events still queued (`emit_soon`) included."""
         self.check_subscription(agent, pattern)
-        await self.deferred.drain()
+        await self.deferred.caught_up()
         head = (await self.log.head())[0] if before_seq is None else before_seq - 1
         out: list[LogEntry] = []
         cursor = head

@@ -19,7 +19,9 @@ which waited for it. The gateway now calls `kick` (through `Node.backend_call_ah
 model call's request has gone upstream, with `delay` (5 ms there) as the latest when no call comes;
 see charter.bus.deferred, whose call events are written at the same moment. Until booked, a
 reservation stays held at its full amount: a budget read meanwhile sees more spent than there was,
-never less, and the daemon's budget reads book what is queued first (`drain`).
+never less, and the daemon's budget reads book what was queued before them first (`caught_up`).
+And a reservation refused while settlements are queued is asked again once they are booked
+(`Governance._reserve`): an agent's next call near its cap is not refused for its last answer.
 
 What it costs: a daemon killed between an answer and its booking leaves the reservation held, as
 one killed while the backend was still answering does; its expiry books it in full (the gateway
@@ -27,7 +29,7 @@ reserves with `on_expiry = "book"`), more than was spent, never less. The window
 `delay` at most. A settlement that fails (a reservation unknown or closed already, a database
 error) is logged with its reservation and agent, never raised into an answer sent already; its
 reservation, still held, is booked in full at its expiry too. Overrun alerts are published once
-booked. `drain` books whatever is queued (shutdown, a budget read).
+booked. `drain` books whatever is queued (shutdown).
 
 A remote ledger (PostgreSQL, `ledger.remote`) is booked from a worker thread instead, a slice at a
 time: a round trip, or a usage row that another daemon's reservation holds locked, then keeps one
@@ -73,6 +75,7 @@ class DeferredSettlements:
         self._alerts: set[asyncio.Task[None]] = set()
         self.booked = 0
         self.failed = 0
+        self._added = 0  # settlements ever queued; `booked + failed` of them are done (see `caught_up`)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -80,6 +83,7 @@ class DeferredSettlements:
     def add(self, agent: AgentRecord, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int) -> None:
         """Queue one settlement; it is booked by the next `kick`, or `delay` later."""
         self._pending.append((SettleItem(reservation_id, usd, tokens_in, tokens_out, agent.id), agent))
+        self._added += 1
         if self._handle is None:
             loop = asyncio.get_running_loop()
             self._handle = (loop.call_later(self.delay, self._next_turn) if self.delay > 0
@@ -172,6 +176,21 @@ class DeferredSettlements:
         log.error("the settlement of %s (agent %s) could not be booked: %s", item.reservation_id, agent.name, why,
                   extra={"fields": {"reservation_id": item.reservation_id, "agent": agent.name, "error": why,
                                     "usd_micros": item.usd, "tokens": item.tokens_in + item.tokens_out}})
+
+    async def caught_up(self) -> None:
+        """Book the settlements queued so far, and wait for them only (a budget read: it must see
+        the answers delivered before it asked, and is never held up by those answered after)."""
+        if not self._ledger.remote:
+            self.flush()
+            return
+        upto = self._added
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        while self.booked + self.failed < upto and (self._pending or self._remote is not None):
+            if self._remote is None:
+                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+            await asyncio.shield(self._remote)
 
     async def drain(self) -> None:
         """Book what is queued and publish its alerts (shutdown, or a caller that needs it booked)."""

@@ -434,8 +434,9 @@ class Ledger:
 
         `on_expiry`: what happens to a reservation still held at its TTL: "release" gives its money
         back, "book" books all of it (a caller that cannot tell, after a crash, what was spent).
-        `headroom`: refused unless every limit keeps `headroom` times the amount free after it (a
-        spare reservation, made ahead of a call: charter.budget.spares)."""
+        `headroom`: refused unless every limit keeps `headroom` times the amount free after it, and
+        unless it would raise no soft alert (a spare reservation, made ahead of a call that may not
+        come: charter.budget.spares; the call that is made raises the alert)."""
         if usd < 0 or tokens < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
         check_on_expiry(on_expiry)
@@ -476,6 +477,10 @@ class Ledger:
                 charges.append((lim.scope, lim.unit, lim.period, key, amount, lim.hard))
                 used = reserved + committed + amount
                 if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
+                    if headroom:
+                        raise CharterError(BUDGET_EXCEEDED, f"{lim.scope} {lim.period} {lim.unit} budget: "
+                                           "a reservation made ahead would raise its soft alert",
+                                           f"budget:{lim.scope}:{lim.unit}:{lim.period}")
                     db.execute(
                         "UPDATE budget_usage SET alerted = 1 WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                         (lim.scope, lim.unit, lim.period, key),

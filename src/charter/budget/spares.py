@@ -4,25 +4,28 @@ A paid call must be reserved for before its backend is called, and a reservation
 transaction: ~0.1 ms in the daemon, on the call's path. An agent that calls a model often is
 about to need another reservation just like its last one. `Spares` makes that one ahead, while
 the loop waits for a backend anyway (`Node.backend_call_ahead`), and the agent's next call with the
-same limits, model and terms takes it from memory if it asks for no more than it holds.
+same limits, model and terms takes it from memory if it asks for no more than it holds. A spare
+holds `SLACK` times what the last call asked: a conversation's prompt grows from call to call.
 
 Exactness is kept. A spare is an ordinary reservation, held in every limit that binds the call
 like a call in flight, so no cap can be crossed through it. It is made only while every limit
-keeps `HEADROOM` times its amount free after it: near a cap the calls reserve on demand, one by
-one, exactly as without spares. Nobody is refused for money a spare holds: a reservation refused
+keeps `HEADROOM` times its amount free after it, and never when it would raise a soft alert (the
+call that is made raises it): near a cap the calls reserve on demand, one by one, exactly as
+without spares. Nobody is refused for money a spare holds: a reservation refused
 while spares are held is asked again once they are given back (`Governance._reserve`), whoever
 asks it. A spare is taken only within `IDLE_MS` of its making, and none is made within
 `2 * IDLE_MS` of the end of one of its periods, so the period it was charged to is the call's. One
-nobody took is given back after `IDLE_MS` (by the daemon's sweep, every second), when the daemon
-stops, and before a budget is read through the daemon, which then shows what calls in flight
-hold. A change of any limit that binds the agent changes the key spares are filed under: the next
+nobody took is given back after `IDLE_MS` to `IDLE_MS` + 1 s (by the daemon's sweep, every second),
+when the daemon stops, and before a budget is read through the daemon, which then shows what calls
+in flight hold. One whose release fails (the ledger busy) is tried again at the next sweep. A change of any limit that binds the agent changes the key spares are filed under: the next
 call reserves on demand.
 
 What it costs: a spare is reserved with the gateway's `on_expiry = "book"`, as the call that takes
 it would have been. The ledger cannot tell a spare taken by a call still in flight from one still
 waiting, so if the daemon is killed, each is booked in full at its expiry: a crash can book, per
-agent and model, up to `MAX_PER_KEY` calls that were never made, on top of the calls in flight
-that it books already (more than was spent, never less). Spares are made for the local SQLite
+agent, model and set of limits, up to `MAX_PER_KEY` calls that were never made, at `SLACK` times
+their last size, on top of the calls in flight that it books already (more than was spent, never
+less). Spares are made for the local SQLite
 ledger only: a PostgreSQL ledger shared by several daemons reserves on demand, from a worker thread.
 """
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,7 @@ log = logging.getLogger("charter.budget")
 HEADROOM = 8  # a spare is made only while each limit keeps 8 times its amount free after it
 IDLE_MS = 2_000  # a spare not taken within this is given back
 MAX_PER_KEY = 2  # spares held at most per agent, model and terms
+SLACK = 1.5  # a spare holds this many times what the last call asked (prompts grow)
 
 
 def _now() -> int:
@@ -55,12 +59,6 @@ class Spare:
     made_ms: int
 
 
-@dataclass(slots=True)
-class _Wanted:
-    terms: dict[str, Any]  # Ledger.reserve's keyword arguments
-    on_alerts: Callable[[list[dict[str, Any]]], None]
-
-
 class Spares:
     def __init__(self, ledger: Any, *, headroom: int = HEADROOM, idle_ms: int = IDLE_MS,
                  max_per_key: int = MAX_PER_KEY) -> None:
@@ -68,7 +66,8 @@ class Spares:
         self.headroom, self.idle_ms, self.max_per_key = headroom, idle_ms, max_per_key
         self._pools: dict[Hashable, list[Spare]] = {}
         self._last_call: dict[Hashable, int] = {}  # key -> when a call last reserved under it
-        self._wanted: dict[Hashable, _Wanted] = {}
+        self._wanted: dict[Hashable, dict[str, Any]] = {}  # key -> Ledger.reserve's keyword arguments
+        self._unreturned: list[Spare] = []  # releases that failed: tried again at the next sweep
         self.taken = 0  # calls that found a spare
         self.made = 0
         self.returned = 0  # given back unused
@@ -97,43 +96,41 @@ class Spares:
                 return spare.reservation
         return None
 
-    def want(self, key: Hashable, terms: dict[str, Any], on_alerts: Callable[[list[dict[str, Any]]], None],
-             now: int | None = None) -> None:
+    def want(self, key: Hashable, terms: dict[str, Any], now: int | None = None) -> None:
         """A call just reserved under `key` with `terms`: if another came within `idle_ms` before
         it, the agent calls often, and a spare like this one is made at the next `refill`."""
         now = _now() if now is None else now
         last = self._last_call.get(key)
         self._last_call[key] = now
         if last is not None and now - last < self.idle_ms and len(self._pools.get(key, ())) < self.max_per_key:
-            self._wanted[key] = _Wanted(terms, on_alerts)
+            self._wanted[key] = terms
 
     def refill(self, now: int | None = None) -> None:
         """Make the spares wanted (the loop has time to spare: a backend call is on its way)."""
         wanted, self._wanted = self._wanted, {}
-        for key, want in wanted.items():
+        for key, terms in wanted.items():
             pool = self._pools.setdefault(key, [])
             if len(pool) >= self.max_per_key:
                 continue
             t = _now() if now is None else now
-            limits: list[Limit] = want.terms["limits"]
-            tz = self.ledger.tz
-            if any(period_key(lim.period, t, tz) != period_key(lim.period, t + 2 * self.idle_ms, tz) for lim in limits):
-                continue  # a period ends soon: the call it is taken by might be charged to the wrong one
+            ahead = {**terms, "usd": int(terms["usd"] * SLACK), "tokens": int(terms["tokens"] * SLACK)}
             try:
-                res = self.ledger.reserve(**want.terms, headroom=self.headroom, now=t)
+                if any(period_key(lim.period, t, self.ledger.tz) != period_key(lim.period, t + 2 * self.idle_ms,
+                                                                               self.ledger.tz)
+                       for lim in terms["limits"]):
+                    continue  # a period ends soon: a call taking it might be charged to the one before
+                res = self.ledger.reserve(**ahead, headroom=self.headroom, now=t)
             except CharterError as exc:
                 if exc.code != BUDGET_EXCEEDED:
                     log.warning("a spare reservation could not be made: %s", exc.message,
-                                extra={"fields": {"agent_id": want.terms["agent_id"], "error": exc.message}})
-                continue  # near a cap: calls reserve on demand
+                                extra={"fields": {"agent_id": terms["agent_id"], "error": exc.message}})
+                continue  # near a cap, or near a soft alert: calls reserve on demand
             except Exception as exc:  # noqa: BLE001 - a spare is an optimisation; the next call reserves itself
                 log.warning("a spare reservation could not be made: %s", exc,
-                            extra={"fields": {"agent_id": want.terms["agent_id"], "error": str(exc)}})
+                            extra={"fields": {"agent_id": terms["agent_id"], "error": str(exc)}})
                 continue
             pool.append(Spare(res, t))
             self.made += 1
-            if res.alerts:
-                want.on_alerts(list(res.alerts))
 
     def expire(self, now: int | None = None) -> int:
         """Give back every spare older than `idle_ms`; forget keys not called under since."""
@@ -149,25 +146,34 @@ class Spares:
                 del self._pools[key]
         for key in [k for k, t in self._last_call.items() if now - t >= self.idle_ms]:
             del self._last_call[key]
+        stale += self._unreturned
+        self._unreturned = []
         return self._give_back(stale)
 
     def release_all(self) -> int:
         """Give back every spare (the daemon stops, or a budget is about to be read)."""
-        spares = [s for pool in self._pools.values() for s in pool]
+        spares = [s for pool in self._pools.values() for s in pool] + self._unreturned
         self._pools.clear()
         self._wanted.clear()
+        self._unreturned = []
         return self._give_back(spares)
 
     def held(self) -> int:
-        return sum(len(p) for p in self._pools.values())
+        """Spares holding money now (those whose release failed included)."""
+        return sum(len(p) for p in self._pools.values()) + len(self._unreturned)
 
     def _give_back(self, spares: list[Spare]) -> int:
         for spare in spares:
             try:
                 self.ledger.release(spare.reservation.id)
-            except Exception as exc:  # noqa: BLE001 - its expiry books it (see the module doc)
+            except CharterError as exc:  # released or swept meanwhile: nothing is held any more
+                log.warning("a spare reservation was closed already: %s", exc.message,
+                            extra={"fields": {"reservation_id": spare.reservation.id, "error": exc.message}})
+                continue
+            except Exception as exc:  # noqa: BLE001 - tried again at the next sweep (else its expiry books it)
                 log.warning("a spare reservation could not be given back: %s", exc,
                             extra={"fields": {"reservation_id": spare.reservation.id, "error": str(exc)}})
+                self._unreturned.append(spare)
                 continue
             self.returned += 1
         return len(spares)

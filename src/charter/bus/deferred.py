@@ -19,11 +19,12 @@ x0.68 for streams; without one (the events alone) x1.00. A timer of 1 ms, tried 
 events, cost 0.2-0.36 ms p50: it woke an idle core on every call. The timer here fires only when
 no call came to do the work in the shadow of.
 
-What it costs: an event is in memory until it is written, `DELAY` at most; a daemon killed in
+What it costs: an event is in memory until it is written, `DELAY` after it was queued (or once a
+write under way ends); a daemon killed in
 between loses it (the answer was delivered; a settlement queued with it leaves its reservation to
 be booked in full at its expiry). A clean shutdown writes
-every queued event first (`drain`), and so does a read of the log through the daemon
-(`Node.read_recent`). A write that fails (a full disk, a database locked past its busy timeout) is
+every queued event first (`drain`), and a read of the log through the daemon (`Node.read_recent`:
+`/v1/events`, `charter tail`, MCP) writes those queued before it (`caught_up`). A write that fails (a full disk, a database locked past its busy timeout) is
 logged with each event's subject and agent, never raised into a request answered already.
 """
 
@@ -55,6 +56,7 @@ class DeferredEvents:
         self._task: asyncio.Task[None] | None = None
         self.written = 0
         self.lost = 0
+        self._added = 0  # events ever queued; `written + lost` of them are done (see `caught_up`)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -62,6 +64,7 @@ class DeferredEvents:
     def add(self, subject: str, payload: Any) -> None:
         """Queue one event; it is written by the next `kick`, or `delay` later (0: the next turn)."""
         self._pending.append((subject, payload))
+        self._added += 1
         if self._task is not None or self._timer is not None:
             return  # a write is coming, and takes whatever is queued by then
         loop = asyncio.get_running_loop()
@@ -121,6 +124,20 @@ class DeferredEvents:
         who = payload.get("name") if isinstance(payload, dict) else None
         log.error("an event on %s (agent %s) could not be written: %s", subject, who or "-", why,
                   extra={"fields": {"subject": subject, "agent": who, "error": why}})
+
+    async def caught_up(self) -> None:
+        """Write the events queued so far, and wait for them only: a reader of the log (it must
+        not miss an event queued before it asked) is never held up by the events queued after."""
+        upto = self._added
+        self.kick()
+        while self.written + self.lost < upto:
+            if self._task is None:
+                if not self._pending:
+                    return
+                self._start()
+            task = self._task
+            if task is not None:
+                await asyncio.shield(task)
 
     async def drain(self) -> None:
         """Write everything queued now (shutdown, or a caller that needs the events in the log)."""
