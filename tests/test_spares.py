@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,14 +192,19 @@ async def test_a_stopping_daemon_gives_its_spares_back(tmp_path: Path) -> None:
         db.close()
 
 
+def gateway_terms(lim: Limit) -> tuple[dict[str, Any], Hashable]:
+    """What the gateway reserves with for one call of $0.001 and 10 tokens, and its spares' key."""
+    terms = {"agent_id": "agt_a", "role": "w", "usd": 1000, "tokens": 10, "limits": [lim], "model": REF,
+             "action": "model.call", "ttl_s": 60.0, "on_expiry": "book"}
+    return terms, Spares.key("agt_a", "w", REF, "model.call", "book", 60.0, [lim])
+
+
 def test_no_spare_is_made_near_the_end_of_a_period(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "b.db")
     try:
         lim = Limit("global", "usd", "hour", 10**9)
         spares = Spares(ledger)
-        terms: dict[str, Any] = {"agent_id": "agt_a", "role": "w", "usd": 1000, "tokens": 10, "limits": [lim],
-                                 "model": REF, "action": "model.call", "ttl_s": 60.0, "on_expiry": "book"}
-        key = Spares.key("agt_a", "w", REF, "model.call", "book", 60.0, [lim])
+        terms, key = gateway_terms(lim)
         hour = 1_800_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour
         end = hour + 3_600_000
         for made_at, expected in ((end - 3_000, 0), (hour + 1_000, 1)):
@@ -235,9 +240,7 @@ def test_a_spare_whose_release_fails_is_given_back_at_the_next_sweep(tmp_path: P
     try:
         lim = Limit("global", "usd", "day", 10**9)
         spares = Spares(ledger)
-        terms: dict[str, Any] = {"agent_id": "agt_a", "role": "w", "usd": 1000, "tokens": 10, "limits": [lim],
-                                 "model": REF, "action": "model.call", "ttl_s": 60.0, "on_expiry": "book"}
-        key = Spares.key("agt_a", "w", REF, "model.call", "book", 60.0, [lim])
+        terms, key = gateway_terms(lim)
         spares.want(key, terms)
         spares.want(key, terms)
         spares.refill()
