@@ -78,9 +78,10 @@ class Governance:
         # A remote ledger is asked from these threads, never from the loop (`ask_ledger`).
         self.ledger_threads = LedgerThreads()
         # Model calls' settlements, booked a moment after their answers, while a later call waits for
-        # its backend (budget/deferred.py).
+        # its backend (budget/deferred.py). A remote ledger's are booked from a worker thread, which
+        # costs the loop next to nothing: they start at the next turn, as soon as they can.
         self.settlements = DeferredSettlements(self.ledger, self.publish_alerts, in_thread=self.ledger_threads.call,
-                                               delay=BOOKKEEPING_DELAY)
+                                               delay=0.0 if self.ledger.remote else BOOKKEEPING_DELAY)
         self.prices = PriceTable({m: Price(p.input_per_mtok, p.output_per_mtok) for m, p in config.prices.items()})
         self._waiters: dict[str, asyncio.Event] = {}
         # The next model call's reservation, made ahead for an agent that calls often (budget/spares.py);

@@ -16,12 +16,14 @@ p99 x1.2 side by side, against x0.85 with slices of 8).
 When: in the daemon, while it waits for a backend. Booked at the next turn of the loop, as they
 were, the settlement fell just when an agent calling one request at a time sent its next request,
 which waited for it. The gateway now calls `kick` (through `Node.backend_call_ahead`) once the next
-model call's request has gone upstream, with `delay` (5 ms there) as the latest when no call comes;
-see charter.bus.deferred, whose call events are written at the same moment. Until booked, a
-reservation stays held at its full amount: a budget read meanwhile sees more spent than there was,
-never less, and the daemon's budget reads book what was queued before them first (`caught_up`).
-And a reservation refused while settlements are queued is asked again once they are booked
-(`Governance._reserve`): an agent's next call near its cap is not refused for its last answer.
+model call's request has gone upstream, with `delay` (5 ms there) as the latest when no call
+comes; see charter.bus.deferred, whose call events are written at the same moment. A remote
+ledger's settlements start at the next turn (`delay` 0): booked from a worker thread, they cost
+the loop next to nothing. Until booked, a reservation stays held at its full amount: a budget read
+meanwhile sees more spent than there was, never less, and the daemon's budget reads book what was
+queued before them first (`caught_up`). On the local ledger a reservation refused while
+settlements are queued is asked again once they are booked (`Governance._reserve`): an agent's
+next call near its cap is not refused for its last answer.
 
 What it costs: a daemon killed between an answer and its booking leaves the reservation held, as
 one killed while the backend was still answering does; its expiry books it in full (the gateway
