@@ -7,26 +7,26 @@ the loop waits for a backend anyway (`Node.backend_call_ahead`), and the agent's
 same limits, model and terms takes it from memory if it asks for no more than it holds. A spare
 holds `SLACK` times what the last call asked: a conversation's prompt grows from call to call.
 
-Exactness is kept. A spare is an ordinary reservation, held in every limit that binds the call
-like a call in flight, so no cap can be crossed through it. It is made only while every limit
-keeps `HEADROOM` times its amount free after it, and never when it would raise a soft alert (the
-call that is made raises it): near a cap the calls reserve on demand, one by one, exactly as
-without spares. Nobody is refused for money a spare holds: a reservation refused
-while spares are held is asked again once they are given back (`Governance._reserve`), whoever
-asks it. A spare is taken only within `IDLE_MS` of its making, and none is made within
-`2 * IDLE_MS` of the end of one of its periods, so the period it was charged to is the call's. One
-nobody took is given back after `IDLE_MS` to `IDLE_MS` + 1 s (by the daemon's sweep, every second),
-when the daemon stops, and before a budget is read through the daemon, which then shows what calls
-in flight hold. One whose release fails (the ledger busy) is tried again at the next sweep. A change of any limit that binds the agent changes the key spares are filed under: the next
-call reserves on demand.
+Exactness is kept. A spare is an ordinary reservation, held in every limit that binds the call like
+a call in flight, so no cap can be crossed through it. It is made only while every limit keeps
+`HEADROOM` times its amount free after it, and never when it would raise a soft alert (the call that
+is made raises it): near a cap the calls reserve on demand, one by one, exactly as without spares.
+Nobody is refused for money a spare holds: a reservation refused while spares are held is asked
+again once they are given back (`Governance._reserve`), whoever asks it. A spare is taken only
+within `IDLE_MS` of its making, and none is made within `2 * IDLE_MS` of the end of one of its
+periods, so the period it was charged to is the call's. One nobody took is given back after
+`IDLE_MS` to `IDLE_MS` + 1 s (by the daemon's sweep, every second), when the daemon stops, and
+before a budget is read through the daemon, which then shows what calls in flight hold. One whose
+release fails (the ledger busy) is tried again at the next sweep. A change of any limit that binds
+the agent changes the key spares are filed under: the next call reserves on demand.
 
 What it costs: a spare is reserved with the gateway's `on_expiry = "book"`, as the call that takes
 it would have been. The ledger cannot tell a spare taken by a call still in flight from one still
 waiting, so if the daemon is killed, each is booked in full at its expiry: a crash can book, per
 agent, model and set of limits, up to `MAX_PER_KEY` calls that were never made, at `SLACK` times
 their last size, on top of the calls in flight that it books already (more than was spent, never
-less). Spares are made for the local SQLite
-ledger only: a PostgreSQL ledger shared by several daemons reserves on demand, from a worker thread.
+less). Spares are made for the local SQLite ledger only: a PostgreSQL ledger shared by several
+daemons reserves on demand, from a worker thread.
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ events, cost 0.2-0.36 ms p50: it woke an idle core on every call. The timer here
 no call came to do the work in the shadow of.
 
 What it costs: an event is in memory until it is written, `DELAY` after it was queued (or once a
-write under way ends); a daemon killed in
-between loses it (the answer was delivered; a settlement queued with it leaves its reservation to
-be booked in full at its expiry). A clean shutdown writes
+write under way ends); a daemon killed in between loses it (the answer was delivered; a settlement
+queued with it leaves its reservation to be booked in full at its expiry). A clean shutdown writes
 every queued event first (`drain`), and a read of the log through the daemon (`Node.read_recent`:
-`/v1/events`, `charter tail`, MCP) writes those queued before it (`caught_up`). A write that fails (a full disk, a database locked past its busy timeout) is
-logged with each event's subject and agent, never raised into a request answered already.
+`/v1/events`, `charter tail`, MCP) writes those queued before it (`caught_up`). A write that fails
+(a full disk, a database locked past its busy timeout) is logged with each event's subject and
+agent, never raised into a request answered already.
 """
 
 from __future__ import annotations
