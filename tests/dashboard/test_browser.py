@@ -307,6 +307,42 @@ async def test_contradictions_capsule_freshness_and_the_archive_move_on_screen(u
         await boss.close()
 
 
+async def test_the_overview_keeps_up_when_events_come_faster_than_it_renders(fleet: Fleet, dash_factory: Any) -> None:
+    """On a loaded machine one render of the overview can take longer than the gap between two
+    events, each of which asks for a refresh. The page must still move: one render at a time, the
+    next once it ends, not a render per event, each thrown away for the next before it is shown."""
+    d = fleet.daemon
+    dash: Dash = await dash_factory(d.url, fleet.home)
+    page = dash.page
+    stop = asyncio.Event()
+
+    async def slow_status(route: Any) -> None:  # every render of the overview waits ~1 s for it
+        await asyncio.sleep(1.0)
+        await route.continue_()
+
+    async def events() -> None:  # a charter.* event every 0.3 s: each asks the overview for a refresh
+        i = 0
+        while not stop.is_set():
+            await d.admin("PUT", "/v1/admin/budget",
+                          json={"scope": "global", "unit": "tokens", "period": "hour", "limit": 10_000_000 + i})
+            i += 1
+            await asyncio.sleep(0.3)
+
+    await dash.open()
+    await page.locator("#card-agents").wait_for()
+    await page.route("**/v1/admin/status", slow_status)
+    churn = asyncio.create_task(events())
+    try:
+        await asyncio.sleep(1.0)  # the events are coming
+        latecomer = await d.enroll("latecomer", "worker")
+        await page.locator("#card-agents tr[data-agent='latecomer']").wait_for(timeout=10_000)
+        assert not churn.done()  # still coming when it showed
+        await latecomer.close()
+    finally:
+        stop.set()
+        await churn
+
+
 async def test_a_wrong_token_gets_401_and_the_login_prompt(fleet: Fleet, dash_factory: Any) -> None:
     d = fleet.daemon
     dash: Dash = await dash_factory(d.url, fleet.home)

@@ -29,6 +29,8 @@
     filter: "",
     features: { services: null, archive: null },  // null unknown, false absent (404), else the route that answered
     pending: 0,
+    rendering: 0,             // renders under way (see refresh)
+    renderAgain: false,       // a refresh was asked for meanwhile
     reflect: null,
     reflectAt: 0,
     reflectDirty: false,
@@ -457,8 +459,28 @@
     refresh(true);
   }
 
+  // One render at a time for the same view: a refresh asked for while one is under way runs once
+  // it ends. Started each time instead, with the newest winning, a daemon whose events came faster
+  // than a render (a loaded machine, a slow link) discarded every render and the page never moved.
   async function refresh(fresh = false) {
     if (!S.token) return;
+    if (!fresh && S.rendering > 0) {
+      S.renderAgain = true;
+      return;
+    }
+    S.rendering += 1;
+    try {
+      await render(fresh);
+    } finally {
+      S.rendering -= 1;
+      if (S.renderAgain && S.rendering === 0) {
+        S.renderAgain = false;
+        refreshSoon();
+      }
+    }
+  }
+
+  async function render(fresh) {
     const view = S.view;
     const gen = ++S.renderGen;
     const main = $("#main");
@@ -474,7 +496,7 @@
       if (e.status === 401) return;
       node = h("div", { class: "card" }, h("h2", { text: "Could not load this view" }), h("p", { class: "error", text: e.message }));
     }
-    if (gen !== S.renderGen || view !== S.view || !S.token) return;  // a newer render won
+    if (gen !== S.renderGen || view !== S.view || !S.token) return;  // the view changed meanwhile
     if (!fresh && main.contains(document.activeElement) && document.activeElement.matches("input")) {
       return;  // don't yank the field someone is typing in
     }
