@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,24 +199,27 @@ def gateway_terms(lim: Limit) -> tuple[dict[str, Any], Hashable]:
     return terms, Spares.key("agt_a", "w", REF, "model.call", "book", 60.0, [lim])
 
 
-def test_no_spare_is_made_near_the_end_of_a_period(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "b.db")
-    try:
-        lim = Limit("global", "usd", "hour", 10**9)
-        spares = Spares(ledger)
-        terms, key = gateway_terms(lim)
-        hour = 1_800_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour
-        end = hour + 3_600_000
-        for made_at, expected in ((end - 3_000, 0), (hour + 1_000, 1)):
-            spares.want(key, terms, now=made_at - 10)
-            spares.want(key, terms, now=made_at - 5)  # a second call: a habit
-            spares.refill(now=made_at)
-            assert spares.held() == expected, made_at
-        assert spares.take(key, 1000, 10, now=hour + 1_000 + spares.idle_ms) is None  # too old to take
-        assert spares.take(key, 1501, 10, now=hour + 1_500) is None  # holds less than asked (1.5 x 1000)
-        assert spares.take(key, 1500, 15, now=hour + 1_500) is not None
-    finally:
-        ledger.close()
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    opened = Ledger(tmp_path / "b.db")
+    yield opened
+    opened.close()
+
+
+def test_no_spare_is_made_near_the_end_of_a_period(ledger: Ledger) -> None:
+    lim = Limit("global", "usd", "hour", 10**9)
+    spares = Spares(ledger)
+    terms, key = gateway_terms(lim)
+    hour = 1_800_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour
+    end = hour + 3_600_000
+    for made_at, expected in ((end - 3_000, 0), (hour + 1_000, 1)):
+        spares.want(key, terms, now=made_at - 10)
+        spares.want(key, terms, now=made_at - 5)  # a second call: a habit
+        spares.refill(now=made_at)
+        assert spares.held() == expected, made_at
+    assert spares.take(key, 1000, 10, now=hour + 1_000 + spares.idle_ms) is None  # too old to take
+    assert spares.take(key, 1501, 10, now=hour + 1_500) is None  # holds less than asked (1.5 x 1000)
+    assert spares.take(key, 1500, 15, now=hour + 1_500) is not None
 
 
 async def test_the_next_call_at_the_cap_is_not_refused_for_the_last_answer_still_to_be_booked(caller: Caller) -> None:
@@ -235,26 +238,22 @@ async def test_the_next_call_at_the_cap_is_not_refused_for_the_last_answer_still
     assert (usage["committed"], usage["reserved"]) == (spent, cost) and second.reservation_id
 
 
-def test_a_spare_whose_release_fails_is_given_back_at_the_next_sweep(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "b.db")
-    try:
-        lim = Limit("global", "usd", "day", 10**9)
-        spares = Spares(ledger)
-        terms, key = gateway_terms(lim)
-        spares.want(key, terms)
-        spares.want(key, terms)
-        spares.refill()
-        assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500
-        release = ledger.release
+def test_a_spare_whose_release_fails_is_given_back_at_the_next_sweep(ledger: Ledger) -> None:
+    lim = Limit("global", "usd", "day", 10**9)
+    spares = Spares(ledger)
+    terms, key = gateway_terms(lim)
+    spares.want(key, terms)
+    spares.want(key, terms)
+    spares.refill()
+    assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500
+    release = ledger.release
 
-        def busy(*args: Any, **kw: Any) -> None:
-            raise sqlite3.OperationalError("database is locked")
+    def busy(*args: Any, **kw: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
 
-        ledger.release = busy  # type: ignore[method-assign]
-        spares.release_all()
-        assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500  # kept, to be tried again
-        ledger.release = release  # type: ignore[method-assign]
-        spares.expire()
-        assert spares.held() == 0 and ledger.usage([lim])[0]["reserved"] == 0
-    finally:
-        ledger.close()
+    ledger.release = busy  # type: ignore[method-assign]
+    spares.release_all()
+    assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500  # kept, to be tried again
+    ledger.release = release  # type: ignore[method-assign]
+    spares.expire()
+    assert spares.held() == 0 and ledger.usage([lim])[0]["reserved"] == 0

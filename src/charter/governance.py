@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -379,8 +379,11 @@ class Governance:
         terms = {"agent_id": agent.id, "role": agent.role, "usd": usd, "tokens": tokens, "limits": limits,
                  "model": model, "action": action, "ttl_s": ttl_s, "on_expiry": on_expiry}
         spares = self.spares if spare else None
-        key = Spares.key(agent.id, agent.role, model, action, on_expiry, ttl_s, limits)
-        res = spares.take(key, usd, tokens) if spares is not None else None
+        key: Hashable = None
+        res = None
+        if spares is not None:
+            key = Spares.key(agent.id, agent.role, model, action, on_expiry, ttl_s, limits)
+            res = spares.take(key, usd, tokens)
         if res is None:
             try:
                 res = self._reserve(terms)

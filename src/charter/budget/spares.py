@@ -68,9 +68,6 @@ class Spares:
         self._last_call: dict[Hashable, int] = {}  # key -> when a call last reserved under it
         self._wanted: dict[Hashable, dict[str, Any]] = {}  # key -> Ledger.reserve's keyword arguments
         self._unreturned: list[Spare] = []  # releases that failed: tried again at the next sweep
-        self.taken = 0  # calls that found a spare
-        self.made = 0
-        self.returned = 0  # given back unused
 
     @property
     def wanted(self) -> bool:
@@ -92,7 +89,6 @@ class Spares:
             spare = pool[i]
             if now - spare.made_ms < self.idle_ms and spare.reservation.usd >= usd and spare.reservation.tokens >= tokens:
                 del pool[i]
-                self.taken += 1
                 return spare.reservation
         return None
 
@@ -130,7 +126,6 @@ class Spares:
                             extra={"fields": {"agent_id": terms["agent_id"], "error": str(exc)}})
                 continue
             pool.append(Spare(res, t))
-            self.made += 1
 
     def expire(self, now: int | None = None) -> int:
         """Give back every spare older than `idle_ms`; forget keys not called under since."""
@@ -174,6 +169,4 @@ class Spares:
                 log.warning("a spare reservation could not be given back: %s", exc,
                             extra={"fields": {"reservation_id": spare.reservation.id, "error": str(exc)}})
                 self._unreturned.append(spare)
-                continue
-            self.returned += 1
         return len(spares)
