@@ -225,6 +225,29 @@ async def test_a_daemon_closing_waits_for_a_reservation_on_a_row_lock_then_close
     assert exc.value.code == LEDGER_CLOSED
 
 
+async def test_the_next_call_at_the_cap_is_not_refused_for_the_last_answer_still_to_be_booked(
+        on_pg: tuple[Node, Any, str]) -> None:
+    """The last answer's settlement is still queued for a worker thread when the next call
+    reserves: its reservation is still held at its full size. At the cap, the next call is asked
+    again once that settlement is booked, and fits, as on the local ledger."""
+    node, agent, _ = on_pg
+    governor = node.gateway.governor(agent, "default")
+    req = ChatRequest([{"role": "user", "content": "hi"}], 50)
+    ref, kind, model = "openai/gpt-4o-mini", "openai", "gpt-4o-mini"
+    node.gov.settlements.delay = 60.0  # booked only when something asks for it
+    first = await governor.admit(ref, kind, model, req)
+    spent = first.price.cost_micros(10, 5)
+    lim = Limit(f"agent:{agent.id}", "usd", "day", first.reserved_usd + spent)  # one more call, not two
+    node.gov.ledger.set_limit(lim)
+    await governor.settle(first, Final("stop", 10, 5), "an answer")
+    assert node.gov.settlements.owed and node.gov.ledger.usage([lim])[0]["reserved"] == first.reserved_usd
+    second = await asyncio.wait_for(governor.admit(ref, kind, model, req), 10)
+    assert second.reservation_id and second.reserved_usd == first.reserved_usd
+    usage = node.gov.ledger.usage([lim])[0]
+    assert (usage["committed"], usage["reserved"]) == (spent, second.reserved_usd)
+    await governor.release(second)
+
+
 async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[Node, Any, str]) -> None:
     """The node's sweep, every second, takes the usage rows of expired reservations FOR UPDATE:
     with another daemon holding them, the sweep waits, not every request."""

@@ -309,19 +309,32 @@ class Governance:
         d, approval = self._spend_decision(agent, action, attrs, usd, approval_id)
         if reserve is False:
             return Spend(d, None, usd, approval)
-        handoff = ReservationHandoff(self.ledger.release, self.release_later)
+        args = (agent, action, d, usd, tokens, model, ttl_s, limits, reserve, on_expiry)
         try:
-            res = await self.ledger_threads.call(handoff.run, self._spend_reserve, agent, action, d, usd, tokens,
-                                                 model, ttl_s, limits, reserve, on_expiry)
-        except BaseException:  # cancelled, or the loop is going: whatever the thread reserves goes back
-            handoff.abandon()
-            raise
+            res = await self._spend_reserve_remote(*args)
+        except SpendRefused as exc:
+            # Refused while answers delivered already still hold their full reservations (their
+            # settlements queued, or being booked from a worker thread): asked again once those
+            # are booked, as on the local ledger (`_reserve`). Never for settlements queued later.
+            if exc.code != BUDGET_EXCEEDED or not self.settlements.owed:
+                raise
+            await self.settlements.caught_up()
+            res = await self._spend_reserve_remote(*args)
         given_back: list[str] = []
         try:
             return self._spend_bound(d, res, usd, approval, release=given_back.append)
         except BaseException:  # e.g. the approval was spent meanwhile: refused once the money is back
             for rid in given_back:
                 await self.give_back(rid)
+            raise
+
+    async def _spend_reserve_remote(self, *args: Any) -> Reservation | None:
+        """`_spend_reserve` on a ledger thread; a caller cancelled meanwhile leaves nothing held."""
+        handoff = ReservationHandoff(self.ledger.release, self.release_later)
+        try:
+            return await self.ledger_threads.call(handoff.run, self._spend_reserve, *args)
+        except BaseException:  # cancelled, or the loop is going: whatever the thread reserves goes back
+            handoff.abandon()
             raise
 
     async def release_async(self, reservation_id: str, agent_id: str | None = None) -> None:

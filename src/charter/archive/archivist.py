@@ -73,24 +73,26 @@ def seal_waiting(root: Path, db_path: Path, *, segment_entries: int, partial: bo
                  level: int) -> list[SegmentMeta]:
     """Seal the entries of charter.db that the archive at `root` lacks: whole segments, and with
     `partial` what is left too, up to `upto_seq` if given. Reads charter.db on a connection of its
-    own, so it runs as well in a child process as in a thread."""
+    own, so it runs as well in a child process as in a thread.
+
+    Each segment's start is read under the archive's lock: another sealer (`charter archive seal`
+    beside the daemon's child) may have sealed those entries meanwhile, and rows read before it
+    did would no longer continue the archive."""
     layout = Layout(root)
     made: list[SegmentMeta] = []
     db = connect(db_path, readonly=True)
     try:
-        after = archive_head(layout)[0]
         while True:
-            want = segment_entries if upto_seq is None else min(segment_entries, upto_seq - after)
-            if want <= 0:
-                return made
-            rows: list[Row] = [(seq, bytes(h), bytes(p), bytes(raw), ts) for seq, h, p, raw, ts in db.execute(
-                "SELECT seq, hash, prev, raw, ts FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after, want))]
-            if not rows or (len(rows) < segment_entries and not partial):
-                return made
             with layout.locked():
-                meta = seal_rows(layout, rows, level)
-            made.append(meta)
-            after = meta.last_seq
+                after = archive_head(layout)[0]
+                want = segment_entries if upto_seq is None else min(segment_entries, upto_seq - after)
+                if want <= 0:
+                    return made
+                rows: list[Row] = [(seq, bytes(h), bytes(p), bytes(raw), ts) for seq, h, p, raw, ts in db.execute(
+                    "SELECT seq, hash, prev, raw, ts FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after, want))]
+                if not rows or (len(rows) < segment_entries and not partial):
+                    return made
+                made.append(seal_rows(layout, rows, level))
     finally:
         db.close()
 
@@ -333,13 +335,19 @@ class Archivist:
             if want <= 0 or not rows or (len(rows) < c.segment_entries and not partial):
                 return made
 
-            def work(rows: list[Row] = rows) -> Any:
+            def work(rows: list[Row] = rows) -> tuple[SegmentMeta | None, int]:
+                # Read on the loop, before the lock: another sealer may have sealed some meanwhile.
                 with self.layout.locked():
-                    return seal_rows(self.layout, rows, c.compression_level)
+                    head = archive_head(self.layout)[0]
+                    rows = [r for r in rows if r[0] > head]
+                    if not rows or (len(rows) < c.segment_entries and not partial):
+                        return None, head
+                    meta = seal_rows(self.layout, rows, c.compression_level)
+                    return meta, meta.last_seq
 
-            meta = await asyncio.to_thread(work)
-            made.append(meta)
-            after = meta.last_seq
+            meta, after = await asyncio.to_thread(work)
+            if meta is not None:
+                made.append(meta)
 
     async def checkpoint(self) -> dict[str, Any]:
         async with self._lock:

@@ -82,6 +82,11 @@ class DeferredSettlements:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def owed(self) -> bool:
+        """Settlements queued or being booked: their reservations still hold their full amounts."""
+        return self.booked + self.failed < self._added
+
     def add(self, agent: AgentRecord, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int) -> None:
         """Queue one settlement; it is booked by the next `kick`, or `delay` later."""
         self._pending.append((SettleItem(reservation_id, usd, tokens_in, tokens_out, agent.id), agent))
