@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from charter.budget.ledger import Ledger, Limit
+from charter.budget.ledger import BUDGET_EXCEEDED, Ledger, Limit
 from charter.budget.spares import SLACK, Spares
+from charter.errors import CharterError
 from charter.identity.registry import AgentRecord
 from charter.models.gateway import Admission, CallGovernor
 from charter.models.router import Skip
@@ -257,3 +259,58 @@ def test_a_spare_whose_release_fails_is_given_back_at_the_next_sweep(ledger: Led
     ledger.release = release  # type: ignore[method-assign]
     spares.expire()
     assert spares.held() == 0 and ledger.usage([lim])[0]["reserved"] == 0
+
+
+def test_an_agent_that_outruns_its_spares_gets_more_made_in_one_transaction(ledger: Ledger) -> None:
+    """Many calls in flight: each call that finds no spare left doubles how many are kept (up to
+    `max_per_key`), and they are made together, one ledger transaction for all of them, once half
+    are taken. Spares given back untaken halve it again."""
+    lim = Limit("global", "usd", "day", 10**9)
+    spares = Spares(ledger)
+    terms, key = gateway_terms(lim)
+    made: list[int] = []
+    reserve_many = ledger.reserve_many
+
+    def counted(count: int, **kw: Any) -> Any:
+        made.append(count)
+        return reserve_many(count, **kw)
+
+    ledger.reserve_many = counted  # type: ignore[method-assign]
+    noon = (time.time_ns() // 86_400_000_000_000) * 86_400_000 + 43_200_000  # today, far from its end
+    spares.want(key, terms, now=noon)
+    spares.want(key, terms, now=noon + 1)
+    spares.refill(now=noon + 1)
+    assert made == [1]  # an agent calling one at a time: one spare
+    now, served = noon + 2, 0
+    for i in range(64):  # calls faster than refills: a refill every 8 calls
+        served += spares.take(key, 1000, 10, now=now + i) is not None
+        spares.want(key, terms, now=now + i)
+        if i % 8 == 7:
+            spares.refill(now=now + i)
+    assert max(made) == spares.max_per_key  # outrun four times: 2, 4, 8, then the most
+    assert served >= 56 and len(made) <= 9  # 7 in 8 calls took a spare; 9 transactions made them all
+    assert ledger.usage([lim])[0]["reserved"] == sum(made) * 1500  # every spare held, taken or not
+    now += 64
+    assert spares.held() == spares.max_per_key
+    spares.want(key, terms, now=now + spares.idle_ms - 1)  # the agent still calls, but takes none
+    assert spares.expire(now=now + spares.idle_ms) == spares.max_per_key  # given back untaken
+    assert ledger.usage([lim])[0]["reserved"] == (sum(made) - spares.max_per_key) * 1500  # the taken ones left
+    spares.want(key, terms, now=now + spares.idle_ms + 1)
+    spares.refill(now=now + spares.idle_ms + 1)
+    assert made[-1] == spares.max_per_key // 2  # so half as many are kept
+
+
+def test_reservations_made_together_are_all_made_or_none(ledger: Ledger) -> None:
+    lim = Limit("agent:a", "usd", "day", 10_000)
+    args = {"agent_id": "a", "role": "w", "usd": 1_000, "tokens": 0, "limits": [lim], "model": REF}
+    with pytest.raises(CharterError) as exc:
+        ledger.reserve_many(11, **args)
+    assert exc.value.code == BUDGET_EXCEEDED and ledger.usage([lim])[0]["reserved"] == 0
+    with pytest.raises(CharterError):
+        ledger.reserve_many(2, **args, headroom=5)  # 2 x 1,000, and 5 times that free after: 12,000
+    made = ledger.reserve_many(3, **args, headroom=2)
+    assert len({r.id for r in made}) == 3 and ledger.usage([lim])[0]["reserved"] == 3_000
+    ledger.settle(made[0].id, usd=400, tokens_in=1, tokens_out=1)  # each settles on its own
+    ledger.release(made[1].id)
+    usage = ledger.usage([lim])[0]
+    assert (usage["committed"], usage["reserved"]) == (400, 1_000)

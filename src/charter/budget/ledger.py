@@ -437,17 +437,28 @@ class Ledger:
         `headroom`: refused unless every limit keeps `headroom` times the amount free after it, and
         unless it would raise no soft alert (a spare reservation, made ahead of a call that may not
         come: charter.budget.spares; the call that is made raises the alert)."""
+        return self.reserve_many(1, agent_id=agent_id, role=role, usd=usd, tokens=tokens, limits=limits, model=model,
+                                 action=action, ttl_s=ttl_s, on_expiry=on_expiry, headroom=headroom, now=now)[0]
+
+    def reserve_many(self, count: int, *, agent_id: str, role: str, usd: int, tokens: int, limits: list[Limit],
+                     model: str = "", action: str = "model.call", ttl_s: float = 600.0, on_expiry: str = "release",
+                     headroom: int = 0, now: int | None = None) -> list[Reservation]:
+        """`count` reservations like `reserve`'s, in one transaction: all of them, or none. Each
+        limit is checked for all of them together (`headroom` times their sum free after them)."""
         if usd < 0 or tokens < 0:
             raise CharterError(BAD_REQUEST, "amounts cannot be negative", "amount")
+        if count < 1:
+            raise CharterError(BAD_REQUEST, "count must be at least 1", "count")
         check_on_expiry(on_expiry)
         now = _now() if now is None else now
-        rid = f"res_{ULID()}"
+        rids = [f"res_{ULID()}" for _ in range(count)]
         alerts: list[dict[str, Any]] = []
         with self._txn() as db:
             _, booked = self._sweep(db, now)
             charges = []
             for lim in limits:
-                amount = usd if lim.unit == "usd" else tokens
+                each = usd if lim.unit == "usd" else tokens
+                amount = each * count
                 key = period_key(lim.period, now, self.tz)
                 row = db.execute(
                     "SELECT reserved, committed, alerted FROM budget_usage WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
@@ -474,7 +485,7 @@ class Ledger:
                     "UPDATE budget_usage SET reserved = reserved + ? WHERE scope = ? AND unit = ? AND period = ? AND period_key = ?",
                     (amount, lim.scope, lim.unit, lim.period, key),
                 )
-                charges.append((lim.scope, lim.unit, lim.period, key, amount, lim.hard))
+                charges.append((lim.scope, lim.unit, lim.period, key, each, lim.hard))
                 used = reserved + committed + amount
                 if not alerted and lim.hard and used >= lim.soft_ratio * lim.hard:
                     if headroom:
@@ -488,14 +499,14 @@ class Ledger:
                     alerts.append({"kind": "soft", "scope": lim.scope, "unit": lim.unit, "period": lim.period, "period_key": key,
                                    "used": used, "hard": lim.hard, "soft_ratio": lim.soft_ratio})
             expires = now + int(ttl_s * 1000)
-            db.execute(
+            held = orjson.dumps(charges).decode()
+            db.executemany(
                 "INSERT INTO reservations (id, agent_id, role, model, action, usd, tokens, charges, state, "
                 "created_at, expires_at, on_expiry) VALUES (?,?,?,?,?,?,?,?,'held',?,?,?)",
-                (rid, agent_id, role, model, action, usd, tokens, orjson.dumps(charges).decode(), now, expires,
-                 on_expiry),
+                [(rid, agent_id, role, model, action, usd, tokens, held, now, expires, on_expiry) for rid in rids],
             )
         report_booked(booked)
-        return Reservation(rid, usd, tokens, expires, tuple(alerts))
+        return [Reservation(rid, usd, tokens, expires, tuple(alerts)) for rid in rids]
 
     def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
                agent_id: str | None = None, now: int | None = None) -> Settlement:
