@@ -43,6 +43,7 @@ async def node_on_pg(root: Path, dsn: str) -> tuple[Node, Any]:
     gov.ledger.close()
     gov.ledger = PgLedger(dsn)
     gov.settlements = DeferredSettlements(gov.ledger, gov.publish_alerts, in_thread=gov.ledger_threads.call)
+    gov.spares = None  # as a daemon on PostgreSQL has: every call reserves on demand
     agent = await enrol(node, "alice", "worker")
     gov.ledger.set_limit(Limit(f"agent:{agent.id}", "usd", "day", 10_000_000))
     return node, agent

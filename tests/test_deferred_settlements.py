@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +291,39 @@ async def test_what_answers_left_is_done_once_the_next_call_has_gone_to_its_back
         await governor.release(second)
     finally:
         await node.close()
+
+
+async def test_a_read_on_a_remote_ledger_waits_for_the_settlements_before_it_only(tmp_path: Path) -> None:
+    """A budget read (or a refused reservation asked again) waits for the answers delivered before
+    it, not for those that keep coming while a worker thread books: under load, the queue may never
+    be empty."""
+    ledger = Ledger(tmp_path / "c.db")
+    ledger.remote = True  # type: ignore[misc]  # booked from a worker thread, as on PostgreSQL
+    gate, started = threading.Event(), threading.Event()
+    real = ledger.settle_batch
+
+    def settle_batch(items: Any, now: int | None = None) -> Any:
+        if started.is_set():
+            gate.wait(10)  # the later answers' booking is stuck (another daemon's row lock, say)
+        started.set()
+        return real(items, now)
+
+    ledger.settle_batch = settle_batch  # type: ignore[method-assign]
+    queue = DeferredSettlements(ledger, Published(), in_thread=asyncio.to_thread, delay=60.0)
+    try:
+        rids = held(ledger, 16)
+        for rid in rids[:8]:
+            queue.add(AGENT, rid, usd=100, tokens_in=5, tokens_out=5)
+        reading = asyncio.ensure_future(queue.caught_up())
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        for rid in rids[8:]:  # answered after the read began
+            queue.add(AGENT, rid, usd=100, tokens_in=5, tokens_out=5)
+        await asyncio.wait_for(reading, 5)
+        assert queue.booked == 8 and use(ledger) == (8_000, 800)
+        gate.set()
+        await queue.drain()
+        assert queue.booked == 16 and use(ledger) == (0, 1_600)
+    finally:
+        gate.set()
+        ledger.close()

@@ -248,15 +248,15 @@ def test_a_spare_whose_release_fails_is_given_back_at_the_next_sweep(ledger: Led
     spares.want(key, terms)
     spares.refill()
     assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500
-    release = ledger.release
+    release = ledger.release_batch
 
     def busy(*args: Any, **kw: Any) -> None:
         raise sqlite3.OperationalError("database is locked")
 
-    ledger.release = busy  # type: ignore[method-assign]
+    ledger.release_batch = busy  # type: ignore[method-assign]
     spares.release_all()
     assert spares.held() == 1 and ledger.usage([lim])[0]["reserved"] == 1500  # kept, to be tried again
-    ledger.release = release  # type: ignore[method-assign]
+    ledger.release_batch = release  # type: ignore[method-assign]
     spares.expire()
     assert spares.held() == 0 and ledger.usage([lim])[0]["reserved"] == 0
 
@@ -287,7 +287,7 @@ def test_an_agent_that_outruns_its_spares_gets_more_made_in_one_transaction(ledg
         spares.want(key, terms, now=now + i)
         if i % 8 == 7:
             spares.refill(now=now + i)
-    assert max(made) == spares.max_per_key  # outrun four times: 2, 4, 8, then the most
+    assert max(made) == spares.max_per_key  # each call that found none doubled it: 2, 4, 8, then the most
     assert served >= 56 and len(made) <= 9  # 7 in 8 calls took a spare; 9 transactions made them all
     assert ledger.usage([lim])[0]["reserved"] == sum(made) * 1500  # every spare held, taken or not
     now += 64
@@ -300,12 +300,33 @@ def test_an_agent_that_outruns_its_spares_gets_more_made_in_one_transaction(ledg
     assert made[-1] == spares.max_per_key // 2  # so half as many are kept
 
 
+def test_an_agent_taking_spares_steadily_never_leaves_one_to_go_stale(ledger: Ledger) -> None:
+    """Spares are taken oldest first: topped up while the agent keeps calling, none waits until it
+    is given back untaken (which would also halve how many are kept)."""
+    lim = Limit("global", "usd", "day", 10**9)
+    spares = Spares(ledger)
+    terms, key = gateway_terms(lim)
+    noon = (time.time_ns() // 86_400_000_000_000) * 86_400_000 + 43_200_000
+    given_back, served = 0, 0
+    for i in range(600):  # a call every 10 ms for 6 s, a refill every 8 calls, the sweep every second
+        now = noon + 10 * i
+        served += spares.take(key, 1000, 10, now=now) is not None
+        spares.want(key, terms, now=now)
+        if i % 8 == 7:
+            spares.refill(now=now)
+        if i % 100 == 99:
+            given_back += spares.expire(now=now)
+    assert given_back == 0 and served >= 580
+    assert spares.held() >= spares.max_per_key // 2  # still as many kept
+
+
 def test_reservations_made_together_are_all_made_or_none(ledger: Ledger) -> None:
-    lim = Limit("agent:a", "usd", "day", 10_000)
-    args = {"agent_id": "a", "role": "w", "usd": 1_000, "tokens": 0, "limits": [lim], "model": REF}
+    lim, roomy = Limit("agent:a", "usd", "day", 10_000), Limit("global", "usd", "day", 10**9)
+    args = {"agent_id": "a", "role": "w", "usd": 1_000, "tokens": 0, "limits": [roomy, lim], "model": REF}
     with pytest.raises(CharterError) as exc:
-        ledger.reserve_many(11, **args)
-    assert exc.value.code == BUDGET_EXCEEDED and ledger.usage([lim])[0]["reserved"] == 0
+        ledger.reserve_many(11, **args)  # the roomy limit is charged first, then the agent's refuses
+    assert exc.value.code == BUDGET_EXCEEDED
+    assert [u["reserved"] for u in ledger.usage([roomy, lim])] == [0, 0]  # rolled back, both
     with pytest.raises(CharterError):
         ledger.reserve_many(2, **args, headroom=5)  # 2 x 1,000, and 5 times that free after: 12,000
     made = ledger.reserve_many(3, **args, headroom=2)

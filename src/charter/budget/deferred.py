@@ -78,6 +78,7 @@ class DeferredSettlements:
         self.booked = 0
         self.failed = 0
         self._added = 0  # settlements ever queued; `booked + failed` of them are done (see `caught_up`)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (settlements done by then, its waiter)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -134,10 +135,12 @@ class DeferredSettlements:
                 except Exception as exc:  # noqa: BLE001 - the answers are out; what is left is to say so
                     for item, agent in batch:
                         self._fail(item, agent, f"{type(exc).__name__}: {exc}")
-                    continue
-                self._booked(batch, results, True)
+                else:
+                    self._booked(batch, results, True)
+                self._wake(everyone=False)
         finally:
             self._remote = None
+            self._wake(everyone=True)  # done, or cancelled (the daemon stops): nobody waits for it any more
 
     def _book_slice(self, publish: bool) -> None:
         batch = self._pending[:self.max_batch]
@@ -197,7 +200,20 @@ class DeferredSettlements:
         while self.booked + self.failed < upto and (self._pending or self._remote is not None):
             if self._remote is None:
                 self._remote = asyncio.get_running_loop().create_task(self._book_remote())
-            await asyncio.shield(self._remote)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((upto, done))
+            await done  # woken once those are booked, not when the queue is empty (it may never be)
+
+    def _wake(self, *, everyone: bool) -> None:
+        done = self.booked + self.failed
+        keep = []
+        for upto, fut in self._waiters:
+            if everyone or upto <= done:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((upto, fut))
+        self._waiters = keep
 
     async def drain(self) -> None:
         """Book what is queued and publish its alerts (shutdown, or a caller that needs it booked)."""

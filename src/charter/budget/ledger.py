@@ -28,11 +28,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -214,6 +214,25 @@ class Booked:
     model: str
     usd: int
     tokens: int
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each_alone(db: Any, items: Iterable[T], one: Callable[[T], R]) -> list[R | Exception]:
+    """`one(item)` for each item, each in a savepoint of its own: one that fails is rolled back
+    alone, and its exception is its result (a failing rollback ends them all)."""
+    out: list[R | Exception] = []
+    for item in items:
+        db.execute("SAVEPOINT item")
+        try:
+            out.append(one(item))
+        except Exception as exc:  # noqa: BLE001 - this item's failure, returned as its result
+            db.execute("ROLLBACK TO item")
+            out.append(exc)
+        db.execute("RELEASE item")
+    return out
 
 
 def report_booked(booked: Sequence[Booked]) -> None:
@@ -506,7 +525,8 @@ class Ledger:
                 [(rid, agent_id, role, model, action, usd, tokens, held, now, expires, on_expiry) for rid in rids],
             )
         report_booked(booked)
-        return [Reservation(rid, usd, tokens, expires, tuple(alerts)) for rid in rids]
+        # A soft alert is raised once, on the first: it is about the limit, not about each of them.
+        return [Reservation(rid, usd, tokens, expires, tuple(alerts) if i == 0 else ()) for i, rid in enumerate(rids)]
 
     def settle(self, reservation_id: str, *, usd: int, tokens_in: int, tokens_out: int,
                agent_id: str | None = None, now: int | None = None) -> Settlement:
@@ -524,18 +544,9 @@ class Ledger:
         cannot be settled (unknown, settled already, an amount SQLite cannot hold, a statement that
         failed) is rolled back alone and returned as its exception; the others are booked."""
         now = _now() if now is None else now
-        out: list[Settlement | Exception] = []
         with self._txn() as db:
-            for item in items:
-                db.execute("SAVEPOINT item")
-                try:
-                    out.append(self._settle(db, item.reservation_id, item.usd, item.tokens_in, item.tokens_out,
-                                            item.agent_id, now))
-                except Exception as exc:  # noqa: BLE001 - this item's failure; a failing rollback ends them all
-                    db.execute("ROLLBACK TO item")
-                    out.append(exc)
-                db.execute("RELEASE item")
-        return out
+            return _each_alone(db, items, lambda item: self._settle(
+                db, item.reservation_id, item.usd, item.tokens_in, item.tokens_out, item.agent_id, now))
 
     def _settle(self, db: Any, reservation_id: str, usd: int, tokens_in: int, tokens_out: int,
                 agent_id: str | None, now: int) -> Settlement:
@@ -593,13 +604,23 @@ class Ledger:
     def release(self, reservation_id: str, *, agent_id: str | None = None, now: int | None = None) -> None:
         now = _now() if now is None else now
         with self._txn() as db:
-            row = db.execute("SELECT agent_id, charges, state FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
-            if row is None or (agent_id is not None and row[0] != agent_id):
-                raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
-            if row[2] != "held":
-                raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
-            _unhold(db, row[1])
-            db.execute("UPDATE reservations SET state = 'released', closed_at = ? WHERE id = ?", (now, reservation_id))
+            self._release(db, reservation_id, agent_id, now)
+
+    def release_batch(self, reservation_ids: Sequence[str], now: int | None = None) -> list[Exception | None]:
+        """Release many reservations in one transaction, each on its own, as `settle_batch` settles:
+        None for each released, or the exception that kept it held (unknown, closed already)."""
+        now = _now() if now is None else now
+        with self._txn() as db:
+            return _each_alone(db, reservation_ids, lambda rid: self._release(db, rid, None, now))
+
+    def _release(self, db: Any, reservation_id: str, agent_id: str | None, now: int) -> None:
+        row = db.execute("SELECT agent_id, charges, state FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        if row is None or (agent_id is not None and row[0] != agent_id):
+            raise CharterError(NOT_FOUND, f"no reservation {reservation_id!r}", "reservation_id")
+        if row[2] != "held":
+            raise CharterError(CONFLICT, f"reservation {reservation_id} is already {row[2]}", "reservation_id")
+        _unhold(db, row[1])
+        db.execute("UPDATE reservations SET state = 'released', closed_at = ? WHERE id = ?", (now, reservation_id))
 
     def sweep(self, now: int | None = None) -> int:
         with self._txn() as db:

@@ -21,7 +21,8 @@ taken only within `IDLE_MS` of its making, and none is made within `2 * IDLE_MS`
 of its periods, so the period it was charged to is the call's. One nobody took is given back after
 `IDLE_MS` to `IDLE_MS` + 1 s (by the daemon's sweep, every second; half as many are kept from
 then on), when the daemon stops, and before a budget is read through the daemon, which then shows
-what calls in flight hold. One whose release fails (the ledger busy) is tried again at the next
+what calls in flight hold; all that are given back together in one transaction
+(`Ledger.release_batch`). One whose release fails (the ledger busy) is tried again at the next
 sweep. A change of any limit that binds the agent changes the key spares are filed under: the
 next call reserves on demand.
 
@@ -30,8 +31,8 @@ it would have been. The ledger cannot tell a spare taken by a call still in flig
 waiting, so if the daemon is killed, each is booked in full at its expiry: a crash can book, per
 agent, model and set of limits, up to `MAX_PER_KEY` calls that were never made (one for an agent
 calling one at a time), at `SLACK` times their last size, on top of the calls in flight that it
-books already (more than was spent, never less). Spares are made for the local SQLite ledger only: a PostgreSQL ledger shared by several
-daemons reserves on demand, from a worker thread.
+books already (more than was spent, never less). Spares are made for the local SQLite ledger
+only: a PostgreSQL ledger shared by several daemons reserves on demand, from a worker thread.
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ class Spares:
                 self._targets[key] = min(self._targets[key] * 2, self.max_per_key)
             return None
         now = _now() if now is None else now
-        for i in range(len(pool) - 1, -1, -1):  # the newest first
-            spare = pool[i]
+        for i, spare in enumerate(pool):  # the oldest first: none goes stale while newer ones are taken
             if now - spare.made_ms < self.idle_ms and spare.reservation.usd >= usd and spare.reservation.tokens >= tokens:
                 del pool[i]
                 return spare.reservation
@@ -138,7 +138,8 @@ class Spares:
                 if exc.code != BUDGET_EXCEEDED:
                     log.warning("a spare reservation could not be made: %s", exc.message,
                                 extra={"fields": {"agent_id": terms["agent_id"], "error": exc.message}})
-                self._targets[key] = min(FIRST_TARGET, self.max_per_key)  # calls outran none: nothing was made
+                # Too many for the room left: fewer next time (one alone may still fit).
+                self._targets[key] = max(count // 2, min(FIRST_TARGET, self.max_per_key))
                 continue  # near a cap, or near a soft alert: calls reserve on demand
             except Exception as exc:  # noqa: BLE001 - a spare is an optimisation; the next call reserves itself
                 log.warning("a spare reservation could not be made: %s", exc,
@@ -181,15 +182,23 @@ class Spares:
         return sum(len(p) for p in self._pools.values()) + len(self._unreturned)
 
     def _give_back(self, spares: list[Spare]) -> int:
-        for spare in spares:
-            try:
-                self.ledger.release(spare.reservation.id)
-            except CharterError as exc:  # released or swept meanwhile: nothing is held any more
-                log.warning("a spare reservation was closed already: %s", exc.message,
-                            extra={"fields": {"reservation_id": spare.reservation.id, "error": exc.message}})
+        """Release `spares` in one transaction; those that could not be are tried again at the next
+        sweep (else their expiry would book them)."""
+        if not spares:
+            return 0
+        try:
+            results: list[Exception | None] = self.ledger.release_batch([s.reservation.id for s in spares])
+        except Exception as exc:  # noqa: BLE001 - the transaction itself failed (the ledger busy)
+            results = [exc] * len(spares)
+        for spare, result in zip(spares, results, strict=True):
+            if result is None:
                 continue
-            except Exception as exc:  # noqa: BLE001 - tried again at the next sweep (else its expiry books it)
-                log.warning("a spare reservation could not be given back: %s", exc,
-                            extra={"fields": {"reservation_id": spare.reservation.id, "error": str(exc)}})
-                self._unreturned.append(spare)
+            rid = spare.reservation.id
+            if isinstance(result, CharterError):  # released or swept meanwhile: nothing is held any more
+                log.warning("a spare reservation was closed already: %s", result.message,
+                            extra={"fields": {"reservation_id": rid, "error": result.message}})
+                continue
+            log.warning("a spare reservation could not be given back: %s", result,
+                        extra={"fields": {"reservation_id": rid, "error": str(result)}})
+            self._unreturned.append(spare)
         return len(spares)
