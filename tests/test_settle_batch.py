@@ -1,0 +1,153 @@
+"""`Ledger.settle_batch` books a batch of the usual settlements in a few statements (`_settle_plain`)
+and any other batch item by item. Whichever way, the books are exactly those that settling each
+reservation on its own (`Ledger.settle`) would have written: the usage, the reservations' states,
+the spend rows and their overrun flags, each settlement's result."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charter.budget.ledger import Ledger, Limit, SettleItem, Settlement
+
+NOW = 1_790_000_000_000  # ms; every reservation and settlement of an example at this time (one day)
+LIMITS = [Limit("global", "usd", "day", 10**12), Limit("agent:a", "usd", "day", 10**12),
+          Limit("agent:a", "tokens", "day", 10**9)]
+
+# One settlement: which reservation (an index; out of range means an unknown id), and what it
+# books: the whole reservation, part of it, nothing, more usd or more tokens than it holds (an
+# overrun), or with another agent's name (unknown to it) or none.
+KINDS = {"whole": (1, 1, "a"), "part": (0.5, 0.3, "a"), "nothing": (0, 0, "a"), "no_owner": (1, 0.3, None),
+         "over_usd": (1.2, 1, "a"), "over_tokens": (1, 1.5, "a"), "other_owner": (0.5, 0.3, "b")}
+FAULTS = ["whole", "part", "part", "nothing", "no_owner", "over_usd", "over_tokens", "other_owner"]
+
+
+@st.composite
+def example(draw: st.DrawFn) -> tuple[Any, Any, Any, Any]:
+    sizes = draw(st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 300)), min_size=1, max_size=6))
+    n = len(sizes)
+    # the batch: any reservations (n: an unknown one), or each of them once, in any order (and
+    # perhaps the first one again)
+    indices = draw(st.one_of(st.lists(st.integers(0, n), min_size=1, max_size=8),
+                             st.permutations(list(range(n))),
+                             st.permutations(list(range(n))).map(lambda p: [*p, p[0]])))
+    kinds = draw(st.lists(st.sampled_from(FAULTS), min_size=len(indices), max_size=len(indices)))
+    released = draw(st.sets(st.integers(0, n - 1), max_size=1))  # released before the batch
+    expired = draw(st.sets(st.integers(0, n - 1), max_size=1))  # expired (swept) before the batch
+    return sizes, list(zip(indices, kinds, strict=True)), released, expired
+
+
+def books(ledger: Ledger) -> dict[str, Any]:
+    db = ledger._db
+    return {
+        "usage": db.execute("SELECT * FROM budget_usage ORDER BY 1, 2, 3, 4").fetchall(),
+        "reservations": db.execute("SELECT id, state, closed_at FROM reservations ORDER BY id").fetchall(),
+        "spend": db.execute("SELECT reservation_id, agent_id, usd, tokens_in, tokens_out, ts, day, overrun "
+                            "FROM spend ORDER BY id").fetchall(),
+    }
+
+
+def outcome(result: Settlement | Exception) -> Any:
+    if isinstance(result, Exception):
+        return type(result).__name__, str(result)
+    return result.reservation_id, result.usd, result.tokens, result.overrun, result.late, result.alerts
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(example())
+def test_a_batch_books_what_settling_each_alone_books(ex: tuple[Any, Any, Any, Any]) -> None:
+    sizes, batch, released, expired = ex
+    later = NOW + 2_000
+    with tempfile.TemporaryDirectory() as tmp:
+        twins = [Ledger(Path(tmp) / f"{name}.db") for name in ("batch", "alone")]
+        try:
+            ids: list[list[str]] = []
+            for ledger in twins:
+                made = [ledger.reserve(agent_id="a", role="w", usd=usd, tokens=tok, limits=LIMITS, model="m",
+                                       ttl_s=1 if i in expired else 600, now=NOW).id
+                        for i, (usd, tok) in enumerate(sizes)]
+                ids.append(made)
+                for i in sorted(released):
+                    if i < len(made):
+                        ledger.release(made[i], now=NOW)
+                ledger.sweep(now=later)  # the expired ones: their money is back, a settlement is late
+            results = []
+            for ledger, made in zip(twins, ids, strict=True):
+                items = []
+                for index, kind in batch:
+                    usd_share, tok_share, owner = KINDS[kind]
+                    rid = made[index] if index < len(made) else f"res_unknown{index}"
+                    usd, tok = sizes[index] if index < len(sizes) else (100, 10)
+                    t = int(tok * tok_share)
+                    items.append(SettleItem(rid, int(usd * usd_share), t - t // 3, t // 3, owner))
+                if ledger is twins[0]:
+                    results.append([outcome(r) for r in ledger.settle_batch(items, now=later)])
+                else:
+                    alone = []
+                    for it in items:
+                        try:
+                            alone.append(outcome(ledger.settle(it.reservation_id, usd=it.usd, tokens_in=it.tokens_in,
+                                                               tokens_out=it.tokens_out, agent_id=it.agent_id,
+                                                               now=later)))
+                        except Exception as exc:  # noqa: BLE001 - compared with the batch's result
+                            alone.append(outcome(exc))
+                    results.append(alone)
+            rename = dict(zip(ids[1], ids[0], strict=True))  # the twins' ids differ: compare by position
+            alone_books = books(twins[1])
+            alone_books["reservations"] = sorted((rename[r], s, c) for r, s, c in alone_books["reservations"])
+            alone_books["spend"] = [(rename.get(r, r), *rest) for r, *rest in alone_books["spend"]]
+            batch_books = books(twins[0])
+            batch_books["reservations"] = sorted(batch_books["reservations"])
+            assert batch_books == alone_books
+            assert results[0] == [_renamed(o, rename) for o in results[1]]
+        finally:
+            for ledger in twins:
+                ledger.close()
+
+
+def _renamed(o: Any, rename: dict[str, str]) -> Any:
+    if isinstance(o[1], str):  # an exception: its message names the reservation
+        msg = o[1]
+        for old, new in rename.items():
+            msg = msg.replace(old, new)
+        return o[0], msg
+    return (rename.get(o[0], o[0]), *o[1:-1], [{k: rename.get(v, v) if isinstance(v, str) else v
+                                                 for k, v in a.items()} for a in o[-1]])
+
+
+def test_the_usual_batch_takes_a_few_statements_not_a_few_per_item(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "b.db")
+    try:
+        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
+                for _ in range(8)]
+        statements: list[str] = []
+        ledger._db.set_trace_callback(statements.append)
+        out = ledger.settle_batch([SettleItem(rid, 400, 20, 10, "a") for rid in made], now=NOW)
+        ledger._db.set_trace_callback(None)
+        assert all(isinstance(r, Settlement) and not r.overrun for r in out)
+        usage_writes = [s for s in statements if s.startswith("UPDATE budget_usage")]
+        assert len(usage_writes) == len(LIMITS)  # one per limit with the batch's sums, not one per item and limit
+        assert not any(s.startswith("SAVEPOINT item") for s in statements)
+        usage = {(u["scope"], u["unit"]): (u["reserved"], u["committed"]) for u in ledger.usage(LIMITS, now=NOW)}
+        assert usage == {("global", "usd"): (0, 3_200), ("agent:a", "usd"): (0, 3_200), ("agent:a", "tokens"): (0, 240)}
+    finally:
+        ledger.close()
+
+
+def test_an_amount_sqlite_cannot_hold_is_refused_alone(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "b.db")
+    try:
+        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
+                for _ in range(3)]
+        items = [SettleItem(made[0], 10, 1, 1, "a"), SettleItem(made[1], 2**70, 1, 1, "a"), SettleItem(made[2], 10, 1, 1)]
+        out = ledger.settle_batch(items, now=NOW)
+        assert isinstance(out[1], OverflowError)  # booked as an overrun, item by item: refused alone
+        assert isinstance(out[0], Settlement) and isinstance(out[2], Settlement)
+        states = dict(ledger._db.execute("SELECT id, state FROM reservations").fetchall())
+        assert [states[r] for r in made] == ["settled", "held", "settled"]
+    finally:
+        ledger.close()
