@@ -151,3 +151,17 @@ def test_an_amount_sqlite_cannot_hold_is_refused_alone(tmp_path: Path) -> None:
         assert [states[r] for r in made] == ["settled", "held", "settled"]
     finally:
         ledger.close()
+
+
+def test_a_reservation_whose_record_cannot_be_read_is_refused_alone(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "b.db")
+    try:
+        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
+                for _ in range(3)]
+        ledger._db.execute("UPDATE reservations SET charges = 'not json' WHERE id = ?", (made[1],))
+        out = ledger.settle_batch([SettleItem(rid, 10, 1, 1, "a") for rid in made], now=NOW)
+        assert isinstance(out[0], Settlement) and isinstance(out[1], Exception) and isinstance(out[2], Settlement)
+        states = dict(ledger._db.execute("SELECT id, state FROM reservations").fetchall())
+        assert [states[r] for r in made] == ["settled", "held", "settled"]
+    finally:
+        ledger.close()

@@ -9,7 +9,8 @@ holds `SLACK` times what the last call asked: a conversation's prompt grows from
 An agent with many calls in flight outruns one spare: each call that finds none left doubles how
 many are kept for it, up to `MAX_PER_KEY`, made together in one transaction once half are taken
 (`Ledger.reserve_many`), so that a reservation costs a share of a transaction, not one each (at 16
-calls in flight with a budget: the daemon's CPU per call x0.90, added p50 x0.83 side by side).
+calls in flight with a budget, side by side in three runs: the daemon's CPU per call x0.90-0.97,
+added p50 x0.83-0.92).
 
 Exactness is kept. A spare is an ordinary reservation, held in every limit that binds the call like
 a call in flight, so no cap can be crossed through it. They are made only while every limit keeps
