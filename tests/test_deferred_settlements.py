@@ -327,3 +327,20 @@ async def test_a_read_on_a_remote_ledger_waits_for_the_settlements_before_it_onl
     finally:
         gate.set()
         ledger.close()
+
+
+async def test_a_remote_booking_cancelled_before_it_began_leaves_no_read_waiting(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "c.db")
+    ledger.remote = True  # type: ignore[misc]  # booked from a worker thread, as on PostgreSQL
+    queue = DeferredSettlements(ledger, Published(), in_thread=asyncio.to_thread, delay=60.0)
+    try:
+        (rid,) = held(ledger, 1)
+        queue.add(AGENT, rid, usd=100, tokens_in=5, tokens_out=5)
+        reading = asyncio.ensure_future(queue.caught_up())
+        await asyncio.sleep(0)  # the read has started the booking's task, which has not run yet
+        assert queue._remote is not None
+        queue._remote.cancel()  # (a loop shutting down, say)
+        await asyncio.wait_for(reading, 5)  # the read starts another one, and is answered
+        assert queue.booked == 1 and use(ledger) == (0, 100)
+    finally:
+        ledger.close()

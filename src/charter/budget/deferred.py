@@ -117,11 +117,22 @@ class DeferredSettlements:
         self._handle = None
         if self._ledger.remote:  # PostgreSQL: booked from a worker thread, one slice at a time
             if self._remote is None:
-                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+                self._start_remote()
             return
         self._book_slice(True)
         if self._pending:
             self._handle = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _start_remote(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._book_remote())
+        self._remote = task
+
+        def ended(_: asyncio.Task[None]) -> None:  # done, or cancelled even before it began
+            if self._remote is task:
+                self._remote = None
+            self._wake(everyone=True)  # nobody waits for it any more: a waiter checks again
+
+        task.add_done_callback(ended)
 
     async def _book_remote(self) -> None:
         """A remote ledger's slices, each from a worker thread: its round trips (and a row lock that
@@ -140,7 +151,6 @@ class DeferredSettlements:
                 self._wake(everyone=False)
         finally:
             self._remote = None
-            self._wake(everyone=True)  # done, or cancelled (the daemon stops): nobody waits for it any more
 
     def _book_slice(self, publish: bool) -> None:
         batch = self._pending[:self.max_batch]
@@ -199,7 +209,7 @@ class DeferredSettlements:
             self._handle = None
         while self.booked + self.failed < upto and (self._pending or self._remote is not None):
             if self._remote is None:
-                self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+                self._start_remote()
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((upto, done))
             await done  # woken once those are booked, not when the queue is empty (it may never be)
@@ -223,7 +233,7 @@ class DeferredSettlements:
                 self._handle = None
             while self._pending or self._remote is not None:  # (one added meanwhile, too)
                 if self._remote is None:
-                    self._remote = asyncio.get_running_loop().create_task(self._book_remote())
+                    self._start_remote()
                 await asyncio.shield(self._remote)
         else:
             self.flush()

@@ -216,6 +216,8 @@ class Booked:
     tokens: int
 
 
+PLAIN_BATCH_MAX = 500  # settlements booked in a few statements at most (one `IN (...)` of their ids)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -557,8 +559,15 @@ class Ledger:
         can have been crossed). Their usage rows are updated once each, with the batch's sums. None
         for any other batch (or one that fails here): the caller settles it item by item, which
         gives the same books."""
+        try:
+            return self._settle_plain_unguarded(db, items, now)
+        except Exception:  # noqa: BLE001 - a value that is not what it should be: each on its own decides
+            return None
+
+    def _settle_plain_unguarded(self, db: Any, items: Sequence[SettleItem],
+                                now: int) -> list[Settlement | Exception] | None:
         ids = [item.reservation_id for item in items]
-        if len(set(ids)) != len(ids):
+        if len(set(ids)) != len(ids) or len(ids) > PLAIN_BATCH_MAX:
             return None
         rows = {r[0]: r for r in db.execute(
             f"SELECT id, agent_id, role, model, usd, tokens, charges, state FROM reservations WHERE id IN "
@@ -575,11 +584,7 @@ class Ledger:
             tokens = item.tokens_in + item.tokens_out
             if min(item.usd, item.tokens_in, item.tokens_out) < 0 or item.usd > row[4] or tokens > row[5]:
                 return None
-            try:
-                charges = _charges(row[6])
-            except Exception:  # noqa: BLE001 - unreadable: the ordinary path refuses that one alone
-                return None
-            for scope, unit, period, key, held, _hard in charges:
+            for scope, unit, period, key, held, _hard in _charges(row[6]):
                 actual = item.usd if unit == "usd" else tokens
                 if actual > held:  # within the reservation but beyond one charge: the ordinary path decides
                     return None

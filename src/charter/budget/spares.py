@@ -140,7 +140,7 @@ class Spares:
                     log.warning("a spare reservation could not be made: %s", exc.message,
                                 extra={"fields": {"agent_id": terms["agent_id"], "error": exc.message}})
                 # Too many for the room left: fewer next time (one alone may still fit).
-                self._targets[key] = max(count // 2, min(FIRST_TARGET, self.max_per_key))
+                self._targets[key] = max(self._targets.get(key, FIRST_TARGET) // 2, min(FIRST_TARGET, self.max_per_key))
                 continue  # near a cap, or near a soft alert: calls reserve on demand
             except Exception as exc:  # noqa: BLE001 - a spare is an optimisation; the next call reserves itself
                 log.warning("a spare reservation could not be made: %s", exc,
@@ -188,9 +188,12 @@ class Spares:
         if not spares:
             return 0
         try:
-            results: list[Exception | None] = self.ledger.release_batch([s.reservation.id for s in spares])
-        except Exception as exc:  # noqa: BLE001 - the transaction itself failed (the ledger busy)
-            results = [exc] * len(spares)
+            results = self.ledger.release_batch([s.reservation.id for s in spares])
+        except Exception as exc:  # noqa: BLE001 - the transaction itself failed (the ledger busy): all kept
+            log.warning("%d spare reservations could not be given back: %s", len(spares), exc,
+                        extra={"fields": {"reservations": [s.reservation.id for s in spares], "error": str(exc)}})
+            self._unreturned += spares
+            return len(spares)
         for spare, result in zip(spares, results, strict=True):
             if result is None:
                 continue
