@@ -6,9 +6,11 @@ the spend rows and their overrun flags, each settlement's result."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -155,49 +157,49 @@ def _renamed(o: Any, rename: dict[str, str]) -> Any:
                                                  for k, v in a.items()} for a in o[-1]])
 
 
-def test_the_usual_batch_takes_a_few_statements_not_a_few_per_item(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "b.db")
-    try:
-        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
-                for _ in range(8)]
-        statements: list[str] = []
-        ledger._db.set_trace_callback(statements.append)
-        out = ledger.settle_batch([SettleItem(rid, 400, 20, 10, "a") for rid in made], now=NOW)
-        ledger._db.set_trace_callback(None)
-        assert all(isinstance(r, Settlement) and not r.overrun for r in out)
-        usage_writes = [s for s in statements if s.startswith("UPDATE budget_usage")]
-        assert len(usage_writes) == len(LIMITS)  # one per limit with the batch's sums, not one per item and limit
-        assert not any(s.startswith("SAVEPOINT item") for s in statements)
-        usage = {(u["scope"], u["unit"]): (u["reserved"], u["committed"]) for u in ledger.usage(LIMITS, now=NOW)}
-        assert usage == {("global", "usd"): (0, 3_200), ("agent:a", "usd"): (0, 3_200), ("agent:a", "tokens"): (0, 240)}
-    finally:
-        ledger.close()
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    opened = Ledger(tmp_path / "b.db")
+    yield opened
+    opened.close()
 
 
-def test_an_amount_sqlite_cannot_hold_is_refused_alone(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "b.db")
-    try:
-        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
-                for _ in range(3)]
-        items = [SettleItem(made[0], 10, 1, 1, "a"), SettleItem(made[1], 2**70, 1, 1, "a"), SettleItem(made[2], 10, 1, 1)]
-        out = ledger.settle_batch(items, now=NOW)
-        assert isinstance(out[1], OverflowError)  # booked as an overrun, item by item: refused alone
-        assert isinstance(out[0], Settlement) and isinstance(out[2], Settlement)
-        states = dict(ledger._db.execute("SELECT id, state FROM reservations").fetchall())
-        assert [states[r] for r in made] == ["settled", "held", "settled"]
-    finally:
-        ledger.close()
+def held(ledger: Ledger, n: int) -> list[str]:
+    return [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
+            for _ in range(n)]
 
 
-def test_a_reservation_whose_record_cannot_be_read_is_refused_alone(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "b.db")
-    try:
-        made = [ledger.reserve(agent_id="a", role="w", usd=1_000, tokens=100, limits=LIMITS, now=NOW).id
-                for _ in range(3)]
-        ledger._db.execute("UPDATE reservations SET charges = 'not json' WHERE id = ?", (made[1],))
-        out = ledger.settle_batch([SettleItem(rid, 10, 1, 1, "a") for rid in made], now=NOW)
-        assert isinstance(out[0], Settlement) and isinstance(out[1], Exception) and isinstance(out[2], Settlement)
-        states = dict(ledger._db.execute("SELECT id, state FROM reservations").fetchall())
-        assert [states[r] for r in made] == ["settled", "held", "settled"]
-    finally:
-        ledger.close()
+def states(ledger: Ledger, ids: list[str]) -> list[str]:
+    found = dict(ledger._db.execute("SELECT id, state FROM reservations").fetchall())
+    return [found[r] for r in ids]
+
+
+def test_the_usual_batch_takes_a_few_statements_not_a_few_per_item(ledger: Ledger) -> None:
+    made = held(ledger, 8)
+    statements: list[str] = []
+    ledger._db.set_trace_callback(statements.append)
+    out = ledger.settle_batch([SettleItem(rid, 400, 20, 10, "a") for rid in made], now=NOW)
+    ledger._db.set_trace_callback(None)
+    assert all(isinstance(r, Settlement) and not r.overrun for r in out)
+    usage_writes = [s for s in statements if s.startswith("UPDATE budget_usage")]
+    assert len(usage_writes) == len(LIMITS)  # one per limit with the batch's sums, not one per item and limit
+    assert not any(s.startswith("SAVEPOINT item") for s in statements)
+    usage = {(u["scope"], u["unit"]): (u["reserved"], u["committed"]) for u in ledger.usage(LIMITS, now=NOW)}
+    assert usage == {("global", "usd"): (0, 3_200), ("agent:a", "usd"): (0, 3_200), ("agent:a", "tokens"): (0, 240)}
+
+
+def test_an_amount_sqlite_cannot_hold_is_refused_alone(ledger: Ledger) -> None:
+    made = held(ledger, 3)
+    items = [SettleItem(made[0], 10, 1, 1, "a"), SettleItem(made[1], 2**70, 1, 1, "a"), SettleItem(made[2], 10, 1, 1)]
+    out = ledger.settle_batch(items, now=NOW)
+    assert isinstance(out[1], OverflowError)  # booked as an overrun, item by item: refused alone
+    assert isinstance(out[0], Settlement) and isinstance(out[2], Settlement)
+    assert states(ledger, made) == ["settled", "held", "settled"]
+
+
+def test_a_reservation_whose_record_cannot_be_read_is_refused_alone(ledger: Ledger) -> None:
+    made = held(ledger, 3)
+    ledger._db.execute("UPDATE reservations SET charges = 'not json' WHERE id = ?", (made[1],))
+    out = ledger.settle_batch([SettleItem(rid, 10, 1, 1, "a") for rid in made], now=NOW)
+    assert isinstance(out[0], Settlement) and isinstance(out[1], Exception) and isinstance(out[2], Settlement)
+    assert states(ledger, made) == ["settled", "held", "settled"]
