@@ -92,3 +92,27 @@ async def test_a_seal_through_the_event_log_continues_from_another_sealers_segme
     assert archive_head(Layout(root))[0] >= 3 * SEGMENT
     report = verify_archive(root, db_path=db)
     assert report.ok, report.sorted_breaks()[:3]
+
+
+async def test_the_checkpoint_event_finds_the_state_already_showing_it(home: Home) -> None:
+    """The dashboard reads `state()` as soon as a charter.archive event arrives; read then, the state
+    must already count the new checkpoint and segments, or the screen keeps the old numbers."""
+    a = Archivist.local(Home(home.root))
+    seen: list[dict[str, object]] = []
+    emit = a.emit
+
+    async def watching(subject: str, payload: object, kind: str = "event") -> object:
+        if subject == "charter.archive.checkpoints":
+            seen.append(a.state())
+        return await emit(subject, payload, kind)
+
+    a.emit = watching
+    try:
+        result = await a.seal(partial=True)
+    finally:
+        await a.close()
+    assert result["checkpoint"]["number"] == 1
+    (state,) = seen
+    assert state["checkpoints"] == 1
+    assert state["archived_seq"] == result["archived_seq"] == ENTRIES + 1  # the identity event, then the entries
+    assert state["segments"] == len(result["sealed"]) == -(-(ENTRIES + 1) // SEGMENT)

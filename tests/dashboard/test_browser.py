@@ -286,7 +286,9 @@ async def test_contradictions_capsule_freshness_and_the_archive_move_on_screen(u
         sealed = await d.admin("POST", "/v1/admin/archive/seal")
         assert sealed["sealed"] and sealed["checkpoint"]
         upto = sealed["archived_seq"]
-        await page.locator(f"#card-archive[data-segments='1'][data-archived-seq='{upto}']").wait_for(timeout=10_000)
+        # (a render between the segment and its checkpoint shows the segment alone: wait for both)
+        await page.locator(f"#card-archive[data-segments='1'][data-archived-seq='{upto}']"
+                           ":not([data-checkpoints='0'])").wait_for(timeout=10_000)
         assert int(await archive.get_attribute("data-checkpoints")) >= 1
         report = await d.admin("POST", "/v1/admin/archive/verify")
         assert report["ok"], report

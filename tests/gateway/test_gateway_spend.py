@@ -60,6 +60,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CLOUD = "cloud/qwen2.5:0.5b"
 DEFAULT_MAX = 256  # default_max_tokens in the gateway tests' charter.toml
+TOTAL = 20.0  # [models.timeouts] total in the gateway tests' charter.toml
 CLIENT_STALL = 5.0  # seconds a streaming client may leave a chunk untaken (longer than any test's pause)
 LONG = "[[tokens=1000]]"  # the stand-in's natural answer to this prompt is 1000 tokens
 DEAR_RULE = '''[[rules]]
@@ -439,7 +440,9 @@ async def test_an_agent_that_stops_reading_and_stays_connected_is_let_go_after_c
         event = await call_event(spend.fleet.daemon, messages, timeout=CLIENT_STALL + 10)
         assert event["error"] == f"the client stopped reading the answer for {CLIENT_STALL:g}s"
         assert event["stream"] is True and event["tokens_out"] > 0
-        assert CLIENT_STALL <= time.monotonic() - started < CLIENT_STALL + 8  # not the 20 s total timeout
+        # Let go before the total timeout. How long the stall began after the call did depends on how
+        # fast megabytes of answer fill every buffer on the way: ~1 s here, 9 s on a busy CI host.
+        assert CLIENT_STALL <= time.monotonic() - started < TOTAL
         assert await wait_for(lambda: _cancelled_since(spend, before), 3.0, "the backend's generation to stop")
         use = await spend.usage(name, "tokens")
         assert use["reserved"] == 0

@@ -365,8 +365,8 @@ class Archivist:
                 return cp.make(self.layout, key, self.root_key.public.key_id, head)
 
         doc = await asyncio.to_thread(work)
+        self._refresh()  # before the event: its readers (the dashboard) ask `state()` at once
         await self.emit(cp.SUBJECT, {"checkpoint": doc})
-        self._refresh()
         return doc
 
     async def sync(self) -> list[dict[str, Any]]:
