@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from charter.cli.operator import OperatorClient
 from charter.config import Home
 from charter.identity.init import init_home
 from charter.sdk import Agent
 from charter.server.daemon import spawn, stop
+
+# Property tests check correctness, not speed: no per-example deadline, which a busy CI host
+# (three workers, daemons and a browser beside them) misses now and then for no fault of the code.
+settings.register_profile("charter", deadline=None)
+settings.load_profile("charter")
 
 
 def _ephemeral_low() -> int:

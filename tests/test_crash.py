@@ -260,7 +260,7 @@ async def test_sigstop_loses_no_acknowledged_message(daemon) -> None:
         fast = Agent(a.creds)
         fast.http = SignedClient(daemon.url, a.id, a.creds.key, timeout=0.3)
         agents.append(fast)
-    agent_of = {a.id: a for a in agents}
+    agent_of = {a.id: a for a in enrolled}  # resent with the usual timeout: the daemon may still be catching up
     ledger = Ledger()
     proc = psutil.Process(daemon.pid)
     resumed_at = 0.0
@@ -278,7 +278,7 @@ async def test_sigstop_loses_no_acknowledged_message(daemon) -> None:
         finally:
             os.kill(daemon.pid, signal.SIGCONT)
         resumed_at = time.monotonic()
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(2.0)  # (long enough for a busy host to answer a 0.3 s request again)
 
     try:
         await publish_during(agents, ledger, freeze)

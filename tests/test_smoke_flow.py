@@ -16,14 +16,15 @@ async def test_enrolled_agent_publishes_and_observer_sees_it(daemon, agents) -> 
     alpha, owl = agents["alpha"], agents["owl"]
     received: list = []
 
-    async def watch() -> None:
-        async for ev in owl.subscribe("agents.>"):
+    async def watch(first: int) -> None:
+        async for ev in owl.subscribe("agents.>", from_seq=first):
             received.append(ev)
             if len(received) == 2:
                 return
 
-    watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.3)
+    # From the next entry on, not "from now": a subscription opened after the publish still sees it.
+    head = (await daemon.admin("GET", "/v1/health"))["head_seq"]
+    watcher = asyncio.create_task(watch(head + 1))
     r1 = await alpha.publish("agents.alpha.status", {"state": "ready"})
     r2 = await alpha.publish("agents.alpha.status", {"state": "busy"})
     await asyncio.wait_for(watcher, 5)

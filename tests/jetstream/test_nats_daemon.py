@@ -61,14 +61,15 @@ async def test_daemon_on_nats_publishes_delivers_and_verifies(nats_daemon: Daemo
         assert status["log"]["backend"] == "nats"
         received = []
 
-        async def watch() -> None:
-            async for ev in owl.subscribe("agents.>"):
+        async def watch(first: int) -> None:
+            async for ev in owl.subscribe("agents.>", from_seq=first):
                 received.append(ev)
                 if len(received) == 3:
                     return
 
-        watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.3)
+        # From the next entry on, not "from now": a subscription opened after the publish still sees it.
+        head = (await d.admin("GET", "/v1/health"))["head_seq"]
+        watcher = asyncio.create_task(watch(head + 1))
         r1 = await alpha.publish("agents.alpha.status", {"state": "ready"})
         many = await alpha.publish_many([("agents.alpha.status", {"n": 1}), ("agents.alpha.status", {"n": 2})])
         await asyncio.wait_for(watcher, 10)
