@@ -19,7 +19,7 @@ from charter.capsules.build import verify_capsule
 from charter.errors import CharterError
 from charter.identity.keys import SigningKey
 from charter.server.daemon import stop
-from tests.conftest import start_daemon
+from tests.conftest import make_home, start_daemon
 
 pytestmark = pytest.mark.anyio
 GOLDEN = Path(__file__).parent / "golden"
@@ -35,7 +35,20 @@ def structure(markdown: str) -> dict:
     return {"front_matter": keys, "headings": headings, "machine_context_keys": machine}
 
 
-async def test_ai_alignment_capsule_matches_the_golden_structure(daemon) -> None:
+@pytest.fixture
+def quiet_daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A daemon that rebuilds no capsule on its own (its first build, just after its first append,
+    or a rebuild 2 s after the enrolment): one between the test's build and its reading of the
+    files would have replaced them."""
+    home = make_home(tmp_path / "home")
+    home.config_path.write_text(home.config_path.read_text() + '\n[capsules]\nenabled = false\n')
+    d = start_daemon(home)
+    yield d
+    stop(home)
+
+
+async def test_ai_alignment_capsule_matches_the_golden_structure(quiet_daemon) -> None:
+    daemon = quiet_daemon
     alpha = await daemon.enroll("alpha", "worker")
     await alpha.publish("agents.alpha.status", {"state": "ready"})
     built = await daemon.admin("POST", "/v1/admin/capsules/build", json={"name": "AI_ALIGNMENT"})
