@@ -22,15 +22,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from charter.archive import checkpoints as cp
+from charter.archive.children import run_in_child, warm
 from charter.archive.identity import ensure_identity
 from charter.archive.layout import ArchiveError, Layout, load_state, save_state
 from charter.archive.retention import horizon_of, prune
@@ -43,30 +41,11 @@ from charter.identity.keys import PublicKey, SigningKey
 
 log = logging.getLogger("charter.archive")
 T = TypeVar("T")
-CHILD_NICE = 10  # a seal, sync or verification in the background yields the CPU to the daemon
 
 
-def _lower_priority() -> None:
-    """Nice 10, not SCHED_IDLE: a child starved under SCHED_IDLE on a busy machine would hold what
-    it holds (the archive's lock, a mirror's lock, a read of charter.db) for as long as it waits,
-    and an operator's `charter archive seal` or `verify` would wait behind it. (Measured beside
-    the gateway at c=16 with a budget, against nice 10: added p99 x0.53 in one run, x1.31 in the
-    next; no gain that shows through the noise.)"""
-    try:
-        os.nice(CHILD_NICE)
-    except OSError:
-        pass
-
-
-async def run_in_child(job: Callable[[], T]) -> T:
-    """`job()` in a fresh child process (spawned, not forked: the daemon has threads), niced; the
-    result comes back pickled. The process exits when it is done."""
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_lower_priority)
-    try:
-        return await asyncio.get_running_loop().run_in_executor(pool, job)
-    finally:
-        pool.shutdown(wait=False)
+def _log_failed_warm(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:  # each child's start will say it again
+        log.warning("archivist: the fork server for its children did not start: %s", done.exception())
 
 
 def seal_waiting(root: Path, db_path: Path, *, segment_entries: int, partial: bool, upto_seq: int | None,
@@ -126,6 +105,7 @@ class Archivist:
         self._lock = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._warming: asyncio.Future[None] | None = None  # the fork server's start (children.warm)
         self._own_log: Any = None
         self.last_error: str | None = None
         self.last_verify: dict[str, Any] | None = None
@@ -185,7 +165,11 @@ class Archivist:
 
     def start(self) -> None:
         if self.config.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            if self.isolated:  # the fork server starts beside the daemon, not in its first seal
+                self._warming = loop.run_in_executor(None, warm)
+                self._warming.add_done_callback(_log_failed_warm)
+            self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         # The identity (key, certificate, event) is set up by the first seal or checkpoint, so that a
