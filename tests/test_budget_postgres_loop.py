@@ -257,13 +257,13 @@ async def test_the_expiry_sweep_waits_for_a_row_lock_off_the_loop(on_pg: tuple[N
     attrs = {"provider": "openai", "backend": "openai", "model": "gpt-4o-mini", "paid": True, "amount_usd": 0.001,
              "tokens": 100}
     spend = await gov.admit_spend_async(agent, "model.call", attrs, usd=1_000, tokens=100,
-                                        model="openai/gpt-4o-mini", ttl_s=0.5)
+                                        model="openai/gpt-4o-mini", ttl_s=1.5)
     assert spend.reservation is not None
     # Locked before it expires: no sweep can give it back before the rows are held.
     lock = RowLock(dsn, agent.id)
     try:
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        assert await ticks_while(never, 3.0) >= 60  # expired, and two sweeps came due meanwhile
+        assert await ticks_while(never, 4.0) >= 80  # expired, and two sweeps came due meanwhile
         with psycopg.connect(dsn) as c:
             [(state,)] = c.execute("SELECT state FROM reservations WHERE id = %s", (spend.reservation.id,))
         assert state == "held"  # the sweep is waiting for the lock

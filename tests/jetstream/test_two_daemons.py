@@ -21,7 +21,7 @@ from charter.errors import CharterError
 from charter.identity.init import init_home
 from charter.sdk import Agent
 from charter.server.daemon import stop
-from conftest import aclose, free_port, require_ci_service, start_daemon
+from conftest import Daemon, aclose, free_port, require_ci_service, start_daemon
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 psycopg = pytest.importorskip("psycopg")
@@ -134,6 +134,21 @@ async def refused_within_a_second(agent: Agent, code: str) -> float:
         assert time.monotonic() - t0 < 1.0, f"still accepted after 1 s (expected {code})"
 
 
+async def known_on(daemon: Daemon, name: str, within: float = 5.0) -> bool:
+    """Whether `daemon` lists the agent `name` within `within` seconds (and nothing else)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        listed = await daemon.admin("GET", "/v1/admin/agents")
+        names = [a["name"] for a in (listed["agents"] if isinstance(listed, dict) else listed)]
+        if names:
+            return names == [name]
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
 async def accepted_again(agent: Agent, within: float = 5.0) -> None:
     """Publish until accepted: the resume reaches the other daemon as the suspension did."""
     import time
@@ -162,9 +177,10 @@ async def test_one_fleet_across_two_daemons_and_a_revocation_refused_on_the_othe
     on_one = await d1.enroll("roamer", creds_dir=tmp_path)
     on_two = Agent.load(tmp_path / "roamer.creds.json", server=d2.url)
     try:
+        # The enrolment reaches daemon two by NOTIFY, within milliseconds; on a busy host the next
+        # request can be quicker, and until then daemon two refuses the id as unknown (fail closed).
+        assert await known_on(d2, "roamer")
         assert (await on_two.publish("agents.roamer.hello", {"via": "two"}))["seq"] > 0
-        listed = await d2.admin("GET", "/v1/admin/agents")
-        assert [a["name"] for a in (listed["agents"] if isinstance(listed, dict) else listed)] == ["roamer"]
         bearer = {"Authorization": f"Bearer {on_one.api_key}"}
         async with aiohttp.ClientSession() as http:
             async with http.get(d2.url + "/v1/models", headers=bearer) as resp:

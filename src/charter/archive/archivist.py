@@ -105,7 +105,6 @@ class Archivist:
         self._lock = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._warming: asyncio.Future[None] | None = None  # the fork server's start (children.warm)
         self._own_log: Any = None
         self.last_error: str | None = None
         self.last_verify: dict[str, Any] | None = None
@@ -167,8 +166,7 @@ class Archivist:
         if self.config.enabled and self._task is None:
             loop = asyncio.get_running_loop()
             if self.isolated:  # the fork server starts beside the daemon, not in its first seal
-                self._warming = loop.run_in_executor(None, warm)
-                self._warming.add_done_callback(_log_failed_warm)
+                loop.run_in_executor(None, warm).add_done_callback(_log_failed_warm)
             self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:

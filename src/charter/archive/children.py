@@ -6,7 +6,7 @@ segment is pure Python: in a thread of the daemon it held the GIL against the ev
 long as it ran.
 
 The children are forked from a fork server that has imported the archive's modules once
-(`PRELOAD`), started when the daemon starts (`warm`). Spawned afresh for each job, as before, a
+(`PRELOAD`), started when the daemon starts (`warm`) at the children's priority. Spawned afresh for each job, as before, a
 child spent 0.2-0.3 s of CPU starting Python and importing them, on the daemon's core when the
 two share one (see `warm` for why it was at the daemon's priority); and the spawn blocked the
 event loop for 3-12 ms, waiting for the new process and for the executor's thread to start. At 16
@@ -14,6 +14,10 @@ model calls in flight with a budget, each seal's spawn held up 30-40 answers by 
 daemon pinned to one core, as benchmarks/gateway.py runs it). The loop now hands the job to a
 worker thread, which waits for the fork server instead (`run_in_child`). Where there is no fork
 server (not POSIX), children are spawned.
+
+A child whose daemon is gone (killed mid-seal, say) exits at once (`_watch_daemon`): nobody will
+read what it makes, and, holding the fork server's pipe, it would also keep the server alive.
+What a killed seal leaves is an unfinished segment, which the next seal replaces.
 
 Why not one long-lived worker: a fresh process per job gives its memory back when it is done,
 and a job that crashes its process takes nothing else with it.
@@ -24,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import select
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing.context import BaseContext
@@ -33,27 +39,59 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-CHILD_NICE = 10  # a seal, sync or verification in the background yields the CPU to the daemon
-# What every job's child would otherwise import. "__main__": the script the daemon runs as, when it
-# is one (the `charter` console script), not `python -m charter`; a child imports it again (its
-# `if __name__ == "__main__"` keeps it from running), which takes the whole CLI with it.
-PRELOAD = ["__main__", "charter.archive.archivist"]
+CHILD_NICE = 10  # how much lower than the daemon a seal, sync or verification runs
+# What every job's child would otherwise import. The CLI too: when the daemon is the `charter`
+# console script (`charter up`, not `python -m charter`), each child runs that script again as
+# `__mp_main__` (its `if __name__ == "__main__"` keeps it from starting anything), and the script
+# imports the CLI: 0.2 s of CPU, unless the server has it already. ("__main__" itself would be the
+# natural entry, but Python before 3.13.8 never hands the script's path to the fork server.)
+PRELOAD = ["charter.cli.main", "charter.archive.archivist"]
 
 _warm_lock = threading.Lock()
-_warmed = False  # (should the server die, the next job's start starts another, at the caller's priority)
 
 
-def _lower_priority() -> None:
-    """Nice 10, not SCHED_IDLE: a child starved under SCHED_IDLE on a busy machine would hold what
-    it holds (the archive's lock, a mirror's lock, a read of charter.db) for as long as it waits,
-    and an operator's `charter archive seal` or `verify` would wait behind it. (Measured beside
-    the gateway at c=16 with a budget, against nice 10: added p99 x0.53 in one run, x1.31 in the
-    next; no gain that shows through the noise.)"""
+def _child_nice() -> int:
+    """The daemon's nice value plus `CHILD_NICE` (19 at most): relative, as `nice` is, so that a
+    daemon started niced still outranks its children, and a root daemon's children are never
+    raised above it."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + CHILD_NICE)
+
+
+def _child_start(nice: int, daemon_pid: int) -> None:
+    """Each child's first step (the pool's initializer): its priority, and its watch on the daemon.
+
+    Nice, not SCHED_IDLE: a child starved under SCHED_IDLE on a busy machine would hold what it
+    holds (the archive's lock, a mirror's lock, a read of charter.db) for as long as it waits, and
+    an operator's `charter archive seal` or `verify` would wait behind it. (Measured beside the
+    gateway at c=16 with a budget, against nice 10: added p99 x0.53 in one run, x1.31 in the next;
+    no gain that shows through the noise.)"""
     try:
-        if os.getpriority(os.PRIO_PROCESS, 0) < CHILD_NICE:  # (a child of the fork server is niced already)
-            os.setpriority(os.PRIO_PROCESS, 0, CHILD_NICE)
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:  # (a child of a warmed fork server is niced already)
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError:
         pass
+    threading.Thread(target=_watch_daemon, args=(daemon_pid,), name="charter-watch-daemon", daemon=True).start()
+
+
+def _watch_daemon(pid: int) -> None:
+    """Exit once the daemon `pid` has (see the module's doc). A pidfd where there is one (Linux),
+    else a look every second."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once the process has exited
+    else:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+    os._exit(1)
 
 
 def context() -> BaseContext:
@@ -67,37 +105,37 @@ def context() -> BaseContext:
 
 
 def warm() -> None:
-    """Start the fork server now, if it is not running. It blocks for the server's start (~0.25 s
-    of its CPU), so call it from a thread, early: the first job need not wait for it.
+    """Start the fork server, unless it is running. Blocking (for a fork and an exec; the server
+    then imports `PRELOAD` on its own, ~0.25 s of its CPU, and the first job waits for that in its
+    worker thread), so call it from a thread; the daemon's archivist does when it starts, and
+    every job's start does, in case the server died meanwhile.
 
-    On Linux it is started from a thread of its own at `CHILD_NICE` (a thread's nice value is its
-    own, and a process it starts inherits it), so that the server and every child forked from it
-    are niced from their first instruction. Spawned from a thread at the daemon's priority, a
-    child started Python and imported what it needed at that priority, for 0.2-0.3 s, before its
-    own `_lower_priority` ran: on a core shared with the event loop, that was when answers waited.
+    On Linux it is started from a thread of its own at the children's priority (a thread's nice
+    value is its own, and a process it starts inherits it), so that the server and every child
+    forked from it are niced from their first instruction. Spawned from a thread at the daemon's
+    priority, a child started Python and imported what it needed at that priority, 0.2-0.3 s of
+    CPU, before its own initializer niced it: on a core shared with the event loop, that was when
+    answers waited. Elsewhere (macOS) the children are niced by their initializer only.
     """
-    global _warmed
-    if _warmed or context().get_start_method() != "forkserver":
+    if context().get_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
 
     with _warm_lock:
-        if not _warmed:
-            _start_niced(forkserver.ensure_running)
-            _warmed = True
+        _start_niced(forkserver.ensure_running, _child_nice())
 
 
-def _start_niced(ensure_running: Callable[[], None]) -> None:
+def _start_niced(ensure_running: Callable[[], None], nice: int) -> None:
     failed: list[BaseException] = []
 
     def start() -> None:
         if sys.platform == "linux":
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             except OSError:
                 pass
         try:
-            ensure_running()
+            ensure_running()  # (at once when the server is alive)
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             failed.append(exc)
 
@@ -109,11 +147,12 @@ def _start_niced(ensure_running: Callable[[], None]) -> None:
 
 
 async def run_in_child(job: Callable[[], T]) -> T:
-    """`job()` in a child process, niced; its result comes back pickled."""
+    """`job()` in a child process, niced; its result (or its exception) comes back pickled."""
 
     def submit() -> tuple[ProcessPoolExecutor, Future[T]]:
-        warm()  # (at once, unless this is the first job and nobody warmed the server)
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=context(), initializer=_lower_priority)
+        warm()
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=context(), initializer=_child_start,
+                                   initargs=(_child_nice(), os.getpid()))
         try:
             return pool, pool.submit(job)
         except BaseException:
