@@ -28,24 +28,23 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import select
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from typing import TypeVar
 
 T = TypeVar("T")
 
 CHILD_NICE = 10  # how much lower than the daemon a seal, sync or verification runs
-# What every job's child would otherwise import. The CLI too: when the daemon is the `charter`
-# console script (`charter up`, not `python -m charter`), each child runs that script again as
-# `__mp_main__` (its `if __name__ == "__main__"` keeps it from starting anything), and the script
-# imports the CLI: 0.2 s of CPU, unless the server has it already. ("__main__" itself would be the
-# natural entry, but Python before 3.13.8 never hands the script's path to the fork server.)
-PRELOAD = ["charter.cli.main", "charter.archive.archivist"]
+# What every job's child would otherwise import: the archive, and the CLI (see `_preload`: when the
+# daemon is the `charter` console script rather than `python -m charter`, each child runs that
+# script again as `__mp_main__`, which imports the CLI: 0.2 s of CPU, unless the server has it).
+# ("__main__" itself would be the natural entry, but Python before 3.13.8 never hands the
+# script's path to the fork server.)
+PRELOAD = ["charter.archive._preload"]
 
 _warm_lock = threading.Lock()
 
@@ -57,7 +56,7 @@ def _child_nice() -> int:
     return min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + CHILD_NICE)
 
 
-def _child_start(nice: int, daemon_pid: int) -> None:
+def _child_start(nice: int) -> None:
     """Each child's first step (the pool's initializer): its priority, and its watch on the daemon.
 
     Nice, not SCHED_IDLE: a child starved under SCHED_IDLE on a busy machine would hold what it
@@ -70,27 +69,17 @@ def _child_start(nice: int, daemon_pid: int) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError:
         pass
-    threading.Thread(target=_watch_daemon, args=(daemon_pid,), name="charter-watch-daemon", daemon=True).start()
+    daemon = multiprocessing.parent_process()
+    if daemon is not None:
+        threading.Thread(target=_watch_daemon, args=(daemon.sentinel,), name="charter-watch-daemon",
+                         daemon=True).start()
 
 
-def _watch_daemon(pid: int) -> None:
-    """Exit once the daemon `pid` has (see the module's doc). A pidfd where there is one (Linux),
-    else a look every second."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        fd = None
-    if fd is not None:
-        select.select([fd], [], [])  # readable once the process has exited
-    else:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                pass
+def _watch_daemon(sentinel: int) -> None:
+    """Exit once the daemon has (see the module's doc). The sentinel is the end of a pipe whose
+    other end only the daemon holds (multiprocessing's own): it reads as closed exactly when the
+    daemon is gone, however it went, with no pid to be reused meanwhile."""
+    wait([sentinel])
     os._exit(1)
 
 
@@ -130,7 +119,8 @@ def _start_niced(ensure_running: Callable[[], None], nice: int) -> None:
 
     def start() -> None:
         if sys.platform == "linux":
-            try:
+            try:  # (and the ordinary policy, should the caller's thread have another: see charter.db)
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             except OSError:
                 pass
@@ -152,7 +142,7 @@ async def run_in_child(job: Callable[[], T]) -> T:
     def submit() -> tuple[ProcessPoolExecutor, Future[T]]:
         warm()
         pool = ProcessPoolExecutor(max_workers=1, mp_context=context(), initializer=_child_start,
-                                   initargs=(_child_nice(), os.getpid()))
+                                   initargs=(_child_nice(),))
         try:
             return pool, pool.submit(job)
         except BaseException:
