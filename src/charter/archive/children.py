@@ -5,15 +5,15 @@ that it loses a shared core to the daemon. A process of its own, because reading
 segment is pure Python: in a thread of the daemon it held the GIL against the event loop for as
 long as it ran.
 
-The children are forked from a fork server that has imported the archive's modules once
-(`PRELOAD`), started when the daemon starts (`warm`) at the children's priority. Spawned afresh for each job, as before, a
-child spent 0.2-0.3 s of CPU starting Python and importing them, on the daemon's core when the
-two share one (see `warm` for why it was at the daemon's priority); and the spawn blocked the
+The children are forked from a fork server that has imported the archive's modules once (`PRELOAD`),
+started when the daemon starts (`warm`) at the children's priority. Spawned afresh for each job, as
+before, a child spent 0.2-0.3 s of CPU starting Python and importing them, on the daemon's core when
+the two share one (see `warm` for why it was at the daemon's priority); and the spawn blocked the
 event loop for 3-12 ms, waiting for the new process and for the executor's thread to start. At 16
-model calls in flight with a budget, each seal's spawn held up 30-40 answers by 30-60 ms (the
-daemon pinned to one core, as benchmarks/gateway.py runs it). The loop now hands the job to a
-worker thread, which waits for the fork server instead (`run_in_child`). Where there is no fork
-server (not POSIX), children are spawned.
+model calls in flight with a budget, each seal's spawn held up 30-40 answers by 30-60 ms (the daemon
+pinned to one core, as benchmarks/gateway.py runs it). The loop now hands the job to a worker
+thread, which waits for the fork server instead (`run_in_child`). Where there is no fork server (not
+POSIX), children are spawned.
 
 A child whose daemon is gone (killed mid-seal, say) exits at once (`_watch_daemon`): nobody will
 read what it makes, and, holding the fork server's pipe, it would also keep the server alive.
@@ -111,10 +111,12 @@ def warm() -> None:
     from multiprocessing import forkserver
 
     with _warm_lock:
-        _start_niced(forkserver.ensure_running, _child_nice())
+        _start_niced(forkserver.ensure_running)
 
 
-def _start_niced(ensure_running: Callable[[], None], nice: int) -> None:
+def _start_niced(ensure_running: Callable[[], None]) -> None:
+    """`ensure_running()` from a new thread at the children's priority (see `warm`)."""
+    nice = _child_nice()
     failed: list[BaseException] = []
 
     def start() -> None:
