@@ -209,3 +209,77 @@ def test_a_fresh_instance_loads_everything(store: Store, pair: tuple[Any, Any]) 
     assert {r.name: r.status for r in third.all()} == {"a1": ACTIVE, "b1": SUSPENDED}
     assert third.agent_for_key("key-a").id == a.id
     assert third.get(a.id).publish.allows("agents.a1.x") and not third.get(a.id).publish.allows("agents.b1.x")
+
+
+# -- PostgreSQL: what the cache has not heard of yet ---------------------------------------------
+
+
+@pytest.fixture
+def pg_deaf(pg_dsn: str) -> Iterator[tuple[Any, Any]]:
+    """A daemon's registry, and a second one that never hears a notification (no listener): what
+    it knows of agents enrolled after it started, it knows only by asking PostgreSQL."""
+    s = Store("postgres", pg_dsn)
+    try:
+        yield s.open(), s.open(listen=False)
+    finally:
+        s.close()
+
+
+def test_an_agent_enrolled_elsewhere_is_known_before_its_notification(pg_deaf: tuple[Any, Any]) -> None:
+    one, deaf = pg_deaf
+    rec = one.insert(record("newcomer"))
+    one.add_api_key(rec.id, "key-newcomer")
+    found = deaf.get(rec.id)
+    assert found is not None and found.name == "newcomer" and found.public_key.b64 == rec.public_key.b64
+    assert deaf.agent_for_key("key-newcomer").id == rec.id
+    reads = deaf.miss_reads
+    assert deaf.get(rec.id).id == rec.id and deaf.agent_for_key("key-newcomer").id == rec.id
+    assert deaf.miss_reads == reads, "once found, served from memory"
+
+
+def test_a_revoked_key_or_agent_found_by_asking_is_still_refused(pg_deaf: tuple[Any, Any]) -> None:
+    one, deaf = pg_deaf
+    rec = one.insert(record("shortlived"))
+    one.add_api_key(rec.id, "key-old")
+    one.add_api_key(rec.id, "key-new")  # replaces (revokes) the old one
+    one.set_status(rec.id, REVOKED, "gone")
+    assert deaf.agent_for_key("key-old") is None
+    assert deaf.get(rec.id).status == REVOKED  # the caller refuses it as revoked, not as unknown
+
+
+def test_an_unknown_id_is_asked_once_then_refused_unasked_for_a_while(pg_deaf: tuple[Any, Any]) -> None:
+    _, deaf = pg_deaf
+    assert deaf.get("agt_nobody") is None and deaf.agent_for_key("no-such-key") is None
+    reads = deaf.miss_reads
+    assert reads == 2
+    for _ in range(50):
+        assert deaf.get("agt_nobody") is None and deaf.agent_for_key("no-such-key") is None
+    assert deaf.miss_reads == reads
+
+
+def test_a_flood_of_made_up_ids_costs_postgresql_a_few_reads(pg_deaf: tuple[Any, Any]) -> None:
+    from charter.identity.registry_pg import MISS_READS_PER_S
+
+    one, deaf = pg_deaf
+    t0 = time.monotonic()
+    for i in range(500):
+        assert deaf.get(f"agt_madeup{i}") is None
+    elapsed = time.monotonic() - t0
+    assert deaf.miss_reads <= MISS_READS_PER_S * (1 + elapsed) + 1
+    # the budget refills: a real newcomer is found again a little later
+    rec = one.insert(record("patient"))
+    assert eventually(lambda: deaf.get(rec.id) is not None, within=2.0) >= 0
+
+
+def test_a_lost_connection_fails_closed_then_recovers(pg_deaf: tuple[Any, Any]) -> None:
+    import psycopg
+
+    one, deaf = pg_deaf
+    pid = deaf._misses._conn.info.backend_pid  # this registry's own (other tests' daemons share the server)
+    with psycopg.connect(PG_BASE_DSN, autocommit=True) as admin:
+        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                               "AND application_name = 'charter-registry-miss'", (pid,)).fetchone()
+    assert killed and killed[0], "the miss connection was not found"
+    rec = one.insert(record("afterloss"))
+    assert deaf.get(rec.id) is None  # the read fails: refused as unknown, no exception
+    assert eventually(lambda: deaf.get(rec.id) is not None, within=5.0) >= 0

@@ -7,6 +7,15 @@ or suspended on one daemon is refused by every other one within milliseconds of 
 (tests/jetstream/test_two_daemons.py holds it to one second). After a lost listener connection the
 thread reconnects with backoff and re-reads everything, since notifications sent meanwhile are gone.
 
+An agent enrolled on one daemon can call another before that one's notification arrives: its id, or
+its bearer key, is not in memory yet. A miss is therefore asked of PostgreSQL once, on a connection
+of its own, before the caller refuses it as unknown. It is a primary-key read (a fraction of a
+millisecond on the same host), made on the caller's thread, the event loop included, and bounded:
+an id or key PostgreSQL does not know is not asked again for `MISS_TTL`; at most `MISS_READS_PER_S`
+misses are asked per second, and the rest are refused at once; the reads have a statement timeout,
+and after a failed one the connection is rebuilt in a thread while misses are refused meanwhile
+(fail closed). A flood of made-up ids therefore costs PostgreSQL a few reads a second, not one each.
+
 Redeeming an invite locks the invite's row (`FOR UPDATE`), so a single-use token enrols one agent
 however many daemons race for it; a partial unique index keeps live names unique across daemons.
 """
@@ -41,6 +50,11 @@ log = logging.getLogger("charter.registry")
 
 CHANNEL = "charter_registry"  # + the schema: installations sharing a database do not hear each other
 RESYNC_EVERY = 60.0  # a full re-read now and then, whatever the notifications said
+MISS_TTL = 1.0  # seconds an id or key PostgreSQL did not know is refused without asking it again
+MISS_READS_PER_S = 20  # misses asked of PostgreSQL per second at most; beyond, refused at once
+MISS_TIMEOUT_MS = 250  # a miss's read gives up after this (the caller may be the event loop)
+MISS_RECONNECT_S = 2.0  # pause between attempts to rebuild the misses' connection
+MAX_UNKNOWN = 1024  # remembered unknown ids and keys before the expired ones are dropped
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS invites (
@@ -95,6 +109,7 @@ class PgRegistry(CachedRegistry):
         self._agents: dict[str, AgentRecord] = {}
         self._keys: dict[str, str] = {}
         self.reload()
+        self._misses = MissReader(dsn)
         self._stop = threading.Event()
         self.listening = threading.Event()  # set while the listener is connected and LISTENing
         self._listener: threading.Thread | None = None
@@ -165,6 +180,40 @@ class PgRegistry(CachedRegistry):
 
     def _notify(self, conn: psycopg.Connection, what: str) -> None:
         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, what))
+
+    # -- what is not in memory yet -------------------------------------------------------------
+
+    def get(self, agent_id: str) -> AgentRecord | None:
+        rec = self._agents.get(agent_id)
+        if rec is None and agent_id:
+            row = self._misses.read(agent_id, f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s")
+            if row is not None:
+                rec = self._learn(row)
+        return rec
+
+    def agent_for_key(self, key_hash: str) -> AgentRecord | None:
+        agent_id = self._keys.get(key_hash)
+        if agent_id is not None:
+            return self.get(agent_id)
+        cols = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLS.split(","))
+        row = self._misses.read(key_hash, f"SELECT {cols} FROM api_keys k JOIN agents a ON a.id = k.agent_id "
+                                          "WHERE k.key_hash = %s AND k.revoked = 0")
+        if row is None:
+            return None
+        rec = self._learn(row)
+        keys = dict(self._keys)
+        keys[key_hash] = rec.id
+        self._keys = keys
+        return rec
+
+    def _learn(self, row: tuple) -> AgentRecord:
+        self._merge(_record(_plain(row)))
+        return self._agents[row[0]]
+
+    @property
+    def miss_reads(self) -> int:
+        """How many misses were asked of PostgreSQL (for tests and the curious)."""
+        return self._misses.reads
 
     # -- invites -----------------------------------------------------------------------------
 
@@ -267,8 +316,100 @@ class PgRegistry(CachedRegistry):
         self._stop.set()
         if self._listener is not None:
             self._listener.join(timeout=2.0)
+        self._misses.close()
         with self._lock:
             self._conn.close()
+
+
+class MissReader:
+    """One-row reads of what the cache does not hold, bounded (see the module's docstring)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._unknown: dict[str, float] = {}  # id or key hash -> until when it is refused unasked
+        self._tokens, self._refilled = float(MISS_READS_PER_S), time.monotonic()
+        self._conn: psycopg.Connection | None = self._connect()
+        self._closed = False
+        self._rebuilding = False
+
+    def _connect(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="charter-registry-miss")
+        conn.execute(f"SET statement_timeout = {MISS_TIMEOUT_MS}")  # (the DSN's own options may set a schema)
+        return conn
+
+    def read(self, value: str, query: str) -> tuple | None:
+        """The row `query` finds for `value`, or None: not there, or not asked (see the bounds)."""
+        now = time.monotonic()
+        until = self._unknown.get(value)
+        if until is not None and now < until:
+            return None
+        # No waiting for another caller's read: the loop must not queue behind a worker thread.
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            conn = self._conn
+            if conn is None or not self._take(now):
+                return None
+            self.reads += 1
+            try:
+                row = conn.execute(query, (value,)).fetchone()
+            except psycopg.Error as exc:
+                log.warning("registry: could not look up an unknown agent in PostgreSQL (%s); refused as unknown",
+                            exc)
+                self._conn = None
+                self._rebuild(conn)
+                return None
+            if row is None:
+                if len(self._unknown) >= MAX_UNKNOWN:  # bounded (it holds at most MISS_TTL's worth anyway)
+                    self._unknown = {k: t for k, t in self._unknown.items() if t > now}
+                self._unknown[value] = now + MISS_TTL
+            return row
+        finally:
+            self._lock.release()
+
+    def _take(self, now: float) -> bool:
+        self._tokens = min(float(MISS_READS_PER_S), self._tokens + (now - self._refilled) * MISS_READS_PER_S)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _rebuild(self, broken: psycopg.Connection) -> None:
+        """A new connection, made in a thread: until it is up, misses are refused unasked."""
+        if self._rebuilding:
+            return
+        self._rebuilding = True
+
+        def run() -> None:
+            try:
+                broken.close()
+            except psycopg.Error:
+                pass
+            while not self._closed:
+                try:
+                    conn = self._connect()
+                except psycopg.Error:
+                    time.sleep(MISS_RECONNECT_S)
+                    continue
+                with self._lock:
+                    if self._closed:
+                        conn.close()
+                    else:
+                        self._conn = conn
+                break
+            self._rebuilding = False
+
+        threading.Thread(target=run, name="charter-registry-miss", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 def _plain(row: tuple) -> tuple:
