@@ -237,6 +237,18 @@ def test_an_agent_enrolled_elsewhere_is_known_before_its_notification(pg_deaf: t
     assert deaf.miss_reads == reads, "once found, served from memory"
 
 
+def test_the_operator_finds_an_agent_enrolled_elsewhere_by_name(pg_deaf: tuple[Any, Any]) -> None:
+    one, deaf = pg_deaf
+    old = one.insert(record("reused"))
+    one.set_status(old.id, REVOKED, "replaced")
+    new = one.insert(record("reused"))
+    assert deaf.find("reused").id == new.id  # the live one, as `find` picks from memory
+    assert deaf.find(new.id).id == new.id
+    with pytest.raises(CharterError) as err:
+        deaf.find("nobody-by-that-name")
+    assert err.value.code == "not_found"
+
+
 def test_a_revoked_key_or_agent_found_by_asking_is_still_refused(pg_deaf: tuple[Any, Any]) -> None:
     one, deaf = pg_deaf
     rec = one.insert(record("shortlived"))

@@ -206,6 +206,18 @@ class PgRegistry(CachedRegistry):
         self._keys = keys
         return rec
 
+    def find(self, ref: str) -> AgentRecord:
+        try:
+            return super().find(ref)
+        except CharterError as exc:
+            if exc.code != NOT_FOUND:
+                raise
+            row = self._misses.read(f"name:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s OR name = %s "
+                                                   "ORDER BY status = 'revoked', created_at DESC LIMIT 1", ref, ref)
+            if row is None:
+                raise
+            return self._learn(row)
+
     def _learn(self, row: tuple) -> AgentRecord:
         self._merge(_record(_plain(row)))
         return self._agents[row[0]]
@@ -339,8 +351,9 @@ class MissReader:
         conn.execute(f"SET statement_timeout = {MISS_TIMEOUT_MS}")  # (the DSN's own options may set a schema)
         return conn
 
-    def read(self, value: str, query: str) -> tuple | None:
-        """The row `query` finds for `value`, or None: not there, or not asked (see the bounds)."""
+    def read(self, value: str, query: str, *params: str) -> tuple | None:
+        """The row `query` finds for `value` (or for `params`, when given), or None: not there, or
+        not asked (see the bounds)."""
         now = time.monotonic()
         until = self._unknown.get(value)
         if until is not None and now < until:
@@ -354,7 +367,7 @@ class MissReader:
                 return None
             self.reads += 1
             try:
-                row = conn.execute(query, (value,)).fetchone()
+                row = conn.execute(query, params or (value,)).fetchone()
             except psycopg.Error as exc:
                 log.warning("registry: could not look up an unknown agent in PostgreSQL (%s); refused as unknown",
                             exc)
