@@ -70,10 +70,13 @@ class RowLock:
     def __init__(self, dsn: str, agent_id: str) -> None:
         self.conn = psycopg.connect(dsn)
         self.conn.execute("SELECT * FROM budget_usage WHERE scope = %s FOR UPDATE", (f"agent:{agent_id}",))
+        self._guard = threading.Lock()  # released by a timer thread and by the test's cleanup, once
 
     def release(self) -> None:
-        self.conn.commit()
-        self.conn.close()
+        with self._guard:
+            if not self.conn.closed:
+                self.conn.commit()
+                self.conn.close()
 
 
 # A loop that waited for the lock would complete no tick at all until the lock is released (the
@@ -218,8 +221,7 @@ async def test_a_daemon_closing_waits_for_a_reservation_on_a_row_lock_then_close
         await asyncio.wait_for(closing, 15)
         assert time.monotonic() - started >= 0.45
     finally:
-        if not lock.conn.closed:
-            lock.release()
+        lock.release()
     assert states_of(pg_dsn, agent.id) == ["released", "released"]  # made, then given back; none held
     with pytest.raises(CharterError) as exc:
         ledger.usage([Limit(f"agent:{agent.id}", "usd", "day", 10_000_000)])
