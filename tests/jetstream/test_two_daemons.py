@@ -177,8 +177,9 @@ async def test_one_fleet_across_two_daemons_and_a_revocation_refused_on_the_othe
     on_one = await d1.enroll("roamer", creds_dir=tmp_path)
     on_two = Agent.load(tmp_path / "roamer.creds.json", server=d2.url)
     try:
-        # At once: daemon two may not have had the enrolment's NOTIFY yet; an id it does not hold
-        # is asked of PostgreSQL before it is refused as unknown (registry_pg's misses).
+        # At once: whichever comes first on daemon two, the enrolment's NOTIFY or this message, the
+        # agent is known (an id not in memory is asked of PostgreSQL: tests/test_registry_contract.py
+        # checks that path on its own, with no notification at all).
         assert (await on_two.publish("agents.roamer.hello", {"via": "two"}))["seq"] > 0
         assert await known_on(d2, "roamer")
         bearer = {"Authorization": f"Bearer {on_one.api_key}"}

@@ -8,13 +8,15 @@ or suspended on one daemon is refused by every other one within milliseconds of 
 thread reconnects with backoff and re-reads everything, since notifications sent meanwhile are gone.
 
 An agent enrolled on one daemon can call another before that one's notification arrives: its id, or
-its bearer key, is not in memory yet. A miss is therefore asked of PostgreSQL once, on a connection
-of its own, before the caller refuses it as unknown. It is a primary-key read (a fraction of a
-millisecond on the same host), made on the caller's thread, the event loop included, and bounded:
-an id or key PostgreSQL does not know is not asked again for `MISS_TTL`; at most `MISS_READS_PER_S`
-misses are asked per second, and the rest are refused at once; the reads have a statement timeout,
-and after a failed one the connection is rebuilt in a thread while misses are refused meanwhile
-(fail closed). A flood of made-up ids therefore costs PostgreSQL a few reads a second, not one each.
+its bearer key, is not in memory yet. Such a miss is asked of PostgreSQL before the caller refuses it
+as unknown, by a thread of its own (`MissReader`, its connection opened on the first miss). The
+caller, often the event loop, waits for the answer `MISS_WAIT_S` at most, and is refused meanwhile
+(fail closed; the read goes on, and a retry finds what it learned). The reads are bounded: one at a
+time (a miss while one is under way is refused at once), `MISS_READS_PER_S` a second, an id or key
+PostgreSQL does not know is not asked again for `MISS_TTL`, and a failed read pauses them for
+`MISS_PAUSE_S`. A flood of made-up ids can use up that budget, and then a newcomer waits for its
+notification, as before. What a read finds is kept only if nothing about the registry changed while
+it was under way (a notification, a write here): a slow read never brings back a revoked agent or key.
 
 Redeeming an invite locks the invite's row (`FOR UPDATE`), so a single-use token enrols one agent
 however many daemons race for it; a partial unique index keeps live names unique across daemons.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +40,7 @@ from charter.errors import NOT_FOUND, CharterError
 from charter.identity.keys import PublicKey
 from charter.identity.registry import (
     _AGENT_COLS,
+    REVOKED,
     AgentRecord,
     CachedRegistry,
     Invite,
@@ -52,8 +57,9 @@ CHANNEL = "charter_registry"  # + the schema: installations sharing a database d
 RESYNC_EVERY = 60.0  # a full re-read now and then, whatever the notifications said
 MISS_TTL = 1.0  # seconds an id or key PostgreSQL did not know is refused without asking it again
 MISS_READS_PER_S = 20  # misses asked of PostgreSQL per second at most; beyond, refused at once
-MISS_TIMEOUT_MS = 250  # a miss's read gives up after this (the caller may be the event loop)
-MISS_RECONNECT_S = 2.0  # pause between attempts to rebuild the misses' connection
+MISS_WAIT_S = 0.02  # the longest a caller (the event loop, often) waits for a miss's answer
+MISS_TIMEOUT_MS = 2000  # the server gives up a miss's statement after this
+MISS_PAUSE_S = 2.0  # after a failed read, misses are refused unasked for this long
 MAX_UNKNOWN = 1024  # remembered unknown ids and keys before the expired ones are dropped
 
 SCHEMA = """
@@ -92,6 +98,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 """
 
 _INSERT_AGENT = "INSERT INTO agents VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+_KEY_AGENT_COLS = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLS.split(","))  # the agent's, joined from api_keys
 
 
 class PgRegistry(CachedRegistry):
@@ -108,8 +115,14 @@ class PgRegistry(CachedRegistry):
         self.channel = f"{CHANNEL}_{''.join(c if c.isalnum() else '_' for c in schema)}"[:63]
         self._agents: dict[str, AgentRecord] = {}
         self._keys: dict[str, str] = {}
+        # Every change to the cache bumps the generation, under `_cache_lock`: what a miss read
+        # found is kept only if the generation is the one it started at.
+        self._cache_lock = threading.Lock()
+        self._generation = 0
         self.reload()
         self._misses = MissReader(dsn)
+        if listen:  # a daemon: its first miss should not wait for the connection
+            self._misses.warm()
         self._stop = threading.Event()
         self.listening = threading.Event()  # set while the listener is connected and LISTENing
         self._listener: threading.Thread | None = None
@@ -124,22 +137,31 @@ class PgRegistry(CachedRegistry):
             rows = self._conn.execute(f"SELECT {_AGENT_COLS} FROM agents").fetchall()
             keys = self._conn.execute("SELECT key_hash, agent_id FROM api_keys WHERE revoked = 0").fetchall()
         fresh = {r[0]: _record(_plain(r)) for r in rows}
-        for agent_id, rec in fresh.items():
-            self._merge(rec)
-        for gone in set(self._agents) - set(fresh):
-            self._agents.pop(gone, None)
-        self._keys = dict(keys)
+        with self._cache_lock:
+            for agent_id, rec in fresh.items():
+                self._merge(rec)
+            for gone in set(self._agents) - set(fresh):
+                self._agents.pop(gone, None)
+            self._keys = dict(keys)
+            self._generation += 1
 
     def _reload_agent(self, agent_id: str) -> None:
         # On the writer connection: the listener's own is locked by its `notifies()` generator.
         with self._lock:
             row = self._conn.execute(f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s", (agent_id,)).fetchone()
             keys = self._conn.execute("SELECT key_hash, agent_id FROM api_keys WHERE revoked = 0").fetchall()
-        if row is None:
-            self._agents.pop(agent_id, None)
-        else:
-            self._merge(_record(_plain(row)))
-        self._keys = dict(keys)
+        with self._cache_lock:
+            if row is None:
+                self._agents.pop(agent_id, None)
+            else:
+                self._merge(_record(_plain(row)))
+            self._keys = dict(keys)
+            self._generation += 1
+
+    def _changed(self) -> None:
+        """A write made here changed the cache: a miss read under way must not undo it."""
+        with self._cache_lock:
+            self._generation += 1
 
     def _merge(self, rec: AgentRecord) -> None:
         """Update in place when only the status moved (holders of the record see it), else replace."""
@@ -185,42 +207,64 @@ class PgRegistry(CachedRegistry):
 
     def get(self, agent_id: str) -> AgentRecord | None:
         rec = self._agents.get(agent_id)
-        if rec is None and agent_id:
-            row = self._misses.read(agent_id, f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s")
+        if rec is None and agent_id.startswith("agt_") and len(agent_id) <= 64:
+            gen = self._generation
+            row = self._misses.read(agent_id, f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s",
+                                    late=lambda found: self._learn(found, gen))
             if row is not None:
-                rec = self._learn(row)
+                rec = self._learn(row, gen)
         return rec
 
     def agent_for_key(self, key_hash: str) -> AgentRecord | None:
         agent_id = self._keys.get(key_hash)
         if agent_id is not None:
             return self.get(agent_id)
-        cols = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLS.split(","))
-        row = self._misses.read(key_hash, f"SELECT {cols} FROM api_keys k JOIN agents a ON a.id = k.agent_id "
-                                          "WHERE k.key_hash = %s AND k.revoked = 0")
-        if row is None:
-            return None
-        rec = self._learn(row)
-        keys = dict(self._keys)
-        keys[key_hash] = rec.id
-        self._keys = keys
-        return rec
+        gen = self._generation
+        row = self._misses.read(key_hash, f"SELECT {_KEY_AGENT_COLS} FROM api_keys k JOIN agents a "
+                                          "ON a.id = k.agent_id WHERE k.key_hash = %s AND k.revoked = 0",
+                                late=lambda found: self._learn(found, gen, key_hash=key_hash))
+        return None if row is None else self._learn(row, gen, key_hash=key_hash)
 
     def find(self, ref: str) -> AgentRecord:
+        """As in memory; an agent not there yet (or only a revoked one of that name) is asked of
+        PostgreSQL: by id, then the live agent of that name."""
         try:
-            return super().find(ref)
+            rec = super().find(ref)
         except CharterError as exc:
             if exc.code != NOT_FOUND:
                 raise
-            row = self._misses.read(f"name:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s OR name = %s "
-                                                   "ORDER BY status = 'revoked', created_at DESC LIMIT 1", ref, ref)
-            if row is None:
-                raise
-            return self._learn(row)
+            rec = None
+        if rec is not None and (rec.status != REVOKED or rec.id == ref):
+            return rec
+        gen = self._generation
+        row = self._misses.read(f"ref:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s UNION ALL "
+                                              f"(SELECT {_AGENT_COLS} FROM agents WHERE name = %s AND "
+                                              "status != 'revoked' LIMIT 1) LIMIT 1", ref, ref,
+                                late=lambda found: self._learn(found, gen))
+        learned = None if row is None else self._learn(row, gen)
+        if learned is not None:
+            return learned
+        if rec is not None:
+            return rec
+        raise CharterError(NOT_FOUND, f"no agent with id or name {ref!r}", "agent")
 
-    def _learn(self, row: tuple) -> AgentRecord:
-        self._merge(_record(_plain(row)))
-        return self._agents[row[0]]
+    def _learn(self, row: tuple, gen: int, *, key_hash: str | None = None) -> AgentRecord | None:
+        """Keep what a miss read found, unless the cache changed while it was under way (then
+        what it found may be older than what the cache holds: the caller is refused, and asks
+        again); what the cache holds already stays."""
+        rec = _record(_plain(row))
+        with self._cache_lock:
+            have = self._agents.get(rec.id)
+            if self._generation != gen:  # the cache's own answer, then
+                if key_hash is None:
+                    return have
+                agent_id = self._keys.get(key_hash)
+                return self._agents.get(agent_id) if agent_id else None
+            if have is None:
+                self._agents[rec.id] = have = rec
+            if key_hash is not None:
+                self._keys = {**self._keys, key_hash: rec.id}
+        return have
 
     @property
     def miss_reads(self) -> int:
@@ -271,6 +315,7 @@ class PgRegistry(CachedRegistry):
                 raise name_taken(name) from None
         rec.created_at = now
         self._agents[rec.id] = rec
+        self._changed()
         return rec
 
     # -- agents ------------------------------------------------------------------------------
@@ -287,6 +332,7 @@ class PgRegistry(CachedRegistry):
                 raise name_taken(rec.name) from None
         rec.created_at = now
         self._agents[rec.id] = rec
+        self._changed()
         return rec
 
     def set_status(self, agent_id: str, status: str, reason: str = "") -> AgentRecord:
@@ -296,6 +342,7 @@ class PgRegistry(CachedRegistry):
                                (status, reason, now_ms(), agent_id))
             self._notify(self._conn, f"agent:{agent_id}")
         rec.status, rec.reason = status, reason
+        self._changed()
         return rec
 
     def replace_charter(self, rec: AgentRecord, charter: dict[str, Any], public_key: PublicKey) -> AgentRecord:
@@ -309,6 +356,7 @@ class PgRegistry(CachedRegistry):
                 "WHERE id = %s", (public_key.b64, canonical(charter), new.issued_at, new.expires_at, now_ms(), rec.id))
             self._notify(self._conn, f"agent:{rec.id}")
         self._agents[rec.id] = new
+        self._changed()
         return new
 
     # -- bearer keys -------------------------------------------------------------------------
@@ -323,6 +371,7 @@ class PgRegistry(CachedRegistry):
         keys = {h: a for h, a in self._keys.items() if a != agent_id} if replace else dict(self._keys)
         keys[key_hash] = agent_id
         self._keys = keys
+        self._changed()
 
     def close(self) -> None:
         self._stop.set()
@@ -334,95 +383,132 @@ class PgRegistry(CachedRegistry):
 
 
 class MissReader:
-    """One-row reads of what the cache does not hold, bounded (see the module's docstring)."""
+    """One-row reads of what the cache does not hold, on a thread and a connection of their own,
+    bounded (see the module's docstring)."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.reads = 0
-        self._lock = threading.Lock()
-        self._unknown: dict[str, float] = {}  # id or key hash -> until when it is refused unasked
+        self._lock = threading.Lock()  # guards the bounds below, and `_closed`
+        self._unknown: dict[str, float] = {}  # id or key -> until when it is refused unasked
         self._tokens, self._refilled = float(MISS_READS_PER_S), time.monotonic()
-        self._conn: psycopg.Connection | None = self._connect()
+        self._paused_until = 0.0
+        self._busy = False
         self._closed = False
-        self._rebuilding = False
+        self._pool: ThreadPoolExecutor | None = None  # its one thread, and the connection, on first use
+        self._conn: psycopg.Connection | None = None  # used by that thread only
 
-    def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="charter-registry-miss")
-        conn.execute(f"SET statement_timeout = {MISS_TIMEOUT_MS}")  # (the DSN's own options may set a schema)
-        return conn
-
-    def read(self, value: str, query: str, *params: str) -> tuple | None:
-        """The row `query` finds for `value` (or for `params`, when given), or None: not there, or
-        not asked (see the bounds)."""
+    def read(self, key: str, query: str, *params: str, late: Callable[[tuple], object] | None = None
+             ) -> tuple | None:
+        """The row `query` finds for `params` (or `key`), or None: not there, not asked (see the
+        bounds), or not answered within MISS_WAIT_S; a row found after that goes to `late`."""
         now = time.monotonic()
-        until = self._unknown.get(value)
-        if until is not None and now < until:
-            return None
-        # No waiting for another caller's read: the loop must not queue behind a worker thread.
-        if not self._lock.acquire(blocking=False):
+        with self._lock:
+            if self._closed or self._busy or now < self._paused_until:
+                return None
+            until = self._unknown.get(key)
+            if until is not None and now < until:
+                return None
+            self._tokens = min(float(MISS_READS_PER_S), self._tokens + (now - self._refilled) * MISS_READS_PER_S)
+            self._refilled = now
+            if self._tokens < 1.0:
+                return None
+            self._tokens -= 1.0
+            self._busy = True
+            self.reads += 1
+            pool = self._thread()
+        try:
+            answer = pool.submit(self._run, key, query, params or (key,))
+        except RuntimeError:  # shut down meanwhile
+            with self._lock:
+                self._busy = False
             return None
         try:
-            conn = self._conn
-            if conn is None or not self._take(now):
+            return answer.result(timeout=MISS_WAIT_S)
+        except FuturesTimeout:  # refused for now; the read goes on, and what it finds is kept for a retry
+            if late is not None:
+                answer.add_done_callback(lambda done: _late(done, late))
+            return None
+
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # (under _lock)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="charter-registry-miss")
+        return self._pool
+
+    def warm(self) -> Future[None] | None:
+        """Open the connection now, on the reader's thread (a failure is left to the first read)."""
+        with self._lock:
+            if self._closed:
                 return None
-            self.reads += 1
-            try:
-                row = conn.execute(query, params or (value,)).fetchone()
-            except psycopg.Error as exc:
-                log.warning("registry: could not look up an unknown agent in PostgreSQL (%s); refused as unknown",
-                            exc)
-                self._conn = None
-                self._rebuild(conn)
-                return None
-            if row is None:
-                if len(self._unknown) >= MAX_UNKNOWN:  # bounded (it holds at most MISS_TTL's worth anyway)
-                    self._unknown = {k: t for k, t in self._unknown.items() if t > now}
-                self._unknown[value] = now + MISS_TTL
-            return row
+            return self._thread().submit(self._open)
+
+    def _open(self) -> None:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+        except Exception as exc:  # noqa: BLE001 - the first miss tries again, and says so
+            log.warning("registry: no connection for looking up unknown agents yet (%s)", exc)
+
+    def _run(self, key: str, query: str, params: tuple[str, ...]) -> tuple | None:
+        row: tuple | None = None
+        failed = False
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            row = self._conn.execute(query, params).fetchone()
+        except Exception as exc:  # noqa: BLE001 - any failure: refused as unknown, and paused
+            failed = True
+            log.warning("registry: could not look up an unknown agent in PostgreSQL (%s); refused as unknown for "
+                        "%gs", exc, MISS_PAUSE_S)
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
         finally:
-            self._lock.release()
+            now = time.monotonic()
+            with self._lock:
+                self._busy = False
+                if failed:
+                    self._paused_until = now + MISS_PAUSE_S
+                elif row is None:
+                    if len(self._unknown) >= MAX_UNKNOWN:  # (at most MISS_TTL's worth of reads are live)
+                        self._unknown = {k: t for k, t in self._unknown.items() if t > now}
+                    self._unknown[key] = now + MISS_TTL
+        return row
 
-    def _take(self, now: float) -> bool:
-        self._tokens = min(float(MISS_READS_PER_S), self._tokens + (now - self._refilled) * MISS_READS_PER_S)
-        self._refilled = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def _rebuild(self, broken: psycopg.Connection) -> None:
-        """A new connection, made in a thread: until it is up, misses are refused unasked."""
-        if self._rebuilding:
-            return
-        self._rebuilding = True
-
-        def run() -> None:
-            try:
-                broken.close()
-            except psycopg.Error:
-                pass
-            while not self._closed:
-                try:
-                    conn = self._connect()
-                except psycopg.Error:
-                    time.sleep(MISS_RECONNECT_S)
-                    continue
-                with self._lock:
-                    if self._closed:
-                        conn.close()
-                    else:
-                        self._conn = conn
-                break
-            self._rebuilding = False
-
-        threading.Thread(target=run, name="charter-registry-miss", daemon=True).start()
+    def _connect(self) -> psycopg.Connection:
+        # Keepalives and a TCP user timeout: a PostgreSQL host gone silent fails the read in
+        # seconds, not after the kernel's retransmissions (minutes); the caller never waits for it.
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="charter-registry-miss",
+                               keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
+                               tcp_user_timeout=5000)
+        try:
+            conn.execute(f"SET statement_timeout = {MISS_TIMEOUT_MS}")  # (the DSN's own options may set a schema)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
-        self._closed = True
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.submit(self._close_conn)
+            pool.shutdown(wait=True, cancel_futures=False)
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _late(done: Future[tuple | None], late: Callable[[tuple], object]) -> None:
+    try:
+        row = done.result()
+        if row is not None:
+            late(row)
+    except Exception:  # noqa: BLE001 - only a cache left unfilled: the retry asks again
+        log.exception("registry: keeping a late answer about an unknown agent failed")
 
 
 def _plain(row: tuple) -> tuple:
