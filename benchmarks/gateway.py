@@ -38,12 +38,15 @@ times); `machine_load` reports the share of every round kept. The gateway under 
 one core, the load generator and the stand-in on the other (see environment.pinning).
 
 Targets (Charter, both variants, both modes): added p50 <= 1 ms and added p99 <= 3 ms at c=1; added
-p99 <= 15 ms at c=16; and an added p99 at least 5x lower than LiteLLM's at c=1 and c=16. That last
-one compares overhead with overhead, as the peers' published figures do ("LLM gateway overhead, p99
-at concurrency 1 / 16: LiteLLM 9.8 ms / 251 ms", DESIGN.md). The ratio of end-to-end p99s is printed
-beside it (`end_to_end_ratio`), but not judged: it holds the backend's own latency on both sides,
-so it says more about the backend than the gateways (against a real model's 100s of ms it is ~1 for
-any gateway), and against this fast stand-in it is stricter.
+p99 <= 15 ms at c=16; and an added p99 at least 5x lower than LiteLLM's at c=1 and c=16.
+
+That last one compares overhead with overhead, as gateways publish theirs (LiteLLM's docs give its
+proxy's added latency; the design notes compare the peers by overhead p99 at c=1 and c=16). Until
+2026-11-29 this benchmark judged the ratio of end-to-end p99s instead; it is still printed beside
+(`end_to_end_ratio`), not judged: it holds the backend's own latency on both sides, so in front of a
+real model (100s of ms) it is about 1 for any gateway, and in front of this fast stand-in it is
+stricter than the target. Charter's added p99 is never counted below the floor's (the bare hop) nor
+below 0.1 ms: a difference of two percentiles that small is noise, and would inflate the ratio.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import tempfile
@@ -91,6 +93,7 @@ from gwlib import (  # noqa: E402
 
 MODEL = "llama3.2:3b"
 T_C1_P50, T_C1_P99, T_C16_P99, T_RATIO = 1.0, 3.0, 15.0, 5.0
+MIN_ADDED_MS = 0.1  # the least added p99 a ratio divides by (see the docstring)
 SETTLE_S = 0.2  # a pause before each target's turn in a round
 CHARTERS = ("charter", "charter_priced")
 
@@ -358,15 +361,16 @@ def verdicts(results: dict[str, Any], with_litellm: bool) -> dict[str, Any]:
                                      "meets_target": c16["added_ms"]["p99"] <= T_C16_P99},
             }
             for c, fig in (("c1", c1), ("c16", c16)):
-                key = f"{c}_p99_lower_than_litellm_x"
+                key = f"{c}_added_p99_lower_than_litellm_x"
                 if with_litellm:
                     lf = by_c[c]["litellm"]
-                    ours = fig["added_ms"]["p99"]
-                    ratio = lf["added_ms"]["p99"] / ours if ours > 0 else math.inf
+                    ours = max(fig["added_ms"]["p99"], by_c[c]["floor"]["added_ms"]["p99"], MIN_ADDED_MS)
+                    ratio = lf["added_ms"]["p99"] / ours
                     whole = lf["latency_ms"]["p99"] / fig["latency_ms"]["p99"]
-                    t[key] = {"value": round(ratio, 2) if math.isfinite(ratio) else None, "target": f">= {T_RATIO}",
-                              "meets_target": ratio >= T_RATIO,
-                              "means": "LiteLLM's added p99 over Charter's (overhead over overhead)",
+                    t[key] = {"value": round(ratio, 2), "target": f">= {T_RATIO}", "meets_target": ratio >= T_RATIO,
+                              "means": "LiteLLM's added p99 over Charter's (overhead over overhead; Charter's "
+                                       "counted as at least the floor's and 0.1 ms)",
+                              "charter_added_p99_counted_ms": r3(ours),
                               "end_to_end_ratio": round(whole, 2)}
                 else:
                     t[key] = {"value": None, "target": f">= {T_RATIO}", "meets_target": None,
