@@ -218,11 +218,11 @@ def test_a_fresh_instance_loads_everything(store: Store, pair: tuple[Any, Any]) 
 def pg_deaf(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
     """A daemon's registry, and a second one that never hears a notification (no listener): what
     it knows of agents enrolled after it started, it knows only by asking PostgreSQL. Its callers
-    wait up to 5 s for an answer here (a loaded CI host), not MISS_WAIT_S: the tests below check
-    what a read finds; `test_a_slow_answer_...` checks the wait."""
+    (these tests, on no event loop) wait up to 5 s for an answer here, for a loaded CI host: the
+    tests check what a read finds; `test_a_slow_answer_...` checks the wait."""
     from charter.identity import registry_pg
 
-    monkeypatch.setattr(registry_pg, "MISS_WAIT_S", 5.0)
+    monkeypatch.setattr(registry_pg, "MISS_WAIT_OFF_LOOP_S", 5.0)
     s = Store("postgres", pg_dsn)
     try:
         one, deaf = s.open(), s.open(listen=False)
@@ -302,7 +302,7 @@ def test_a_slow_answer_is_not_waited_for_and_is_kept_for_the_retry(
 
     from charter.identity import registry_pg
 
-    monkeypatch.setattr(registry_pg, "MISS_WAIT_S", 0.02)  # as in a daemon
+    monkeypatch.setattr(registry_pg, "MISS_WAIT_OFF_LOOP_S", 0.02)  # as long as the loop's
     one, deaf = pg_deaf
     rec = one.insert(record("latecomer"))
     with psycopg.connect(pg_dsn) as blocker:  # the read waits for this lock
@@ -323,8 +323,8 @@ def test_a_read_that_crosses_a_key_rotation_does_not_bring_the_old_key_back(
     one.add_api_key(rec.id, "key-one")
     read = deaf._misses._run
 
-    def crossed(key: str, query: str, params: tuple[str, ...]) -> Any:
-        row = read(key, query, params)  # finds key-one still valid...
+    def crossed(ask: Any, key: str, query: str, params: tuple[str, ...]) -> Any:
+        row = read(ask, key, query, params)  # finds key-one still valid...
         one.add_api_key(rec.id, "key-two")  # ...then it is replaced,
         deaf._reload_agent(rec.id)  # and the notification lands before the answer is kept
         return row
@@ -346,3 +346,33 @@ def test_a_lost_connection_fails_closed_then_recovers(pg_deaf: tuple[Any, Any]) 
     rec = one.insert(record("afterloss"))
     assert deaf.get(rec.id) is None  # the read fails: refused as unknown, no exception
     eventually(lambda: deaf.get(rec.id) is not None, within=8.0)
+
+
+@pytest.mark.anyio
+async def test_the_event_loop_waits_for_misses_briefly_and_little_in_all(
+        pg_deaf: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a slow PostgreSQL (each read 30 ms here), made-up ids arriving steadily: the loop waits
+    MISS_WAIT_S at most for one, and MISS_WAIT_BUDGET_S a second in all, not 20 ms per read."""
+    import asyncio
+
+    from charter.identity.registry_pg import MISS_WAIT_BUDGET_S, MISS_WAIT_S
+
+    _, deaf = pg_deaf
+    read = deaf._misses._run
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.03)
+        return read(*args)
+
+    monkeypatch.setattr(deaf._misses, "_run", slow)
+    waits: list[float] = []
+    t0 = time.monotonic()
+    for i in range(40):
+        started = time.monotonic()
+        assert deaf.get(f"agt_slow{i}") is None
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(0.035)  # the read ends meanwhile
+    elapsed = time.monotonic() - t0
+    assert deaf.miss_reads >= 20, "the reads themselves were not refused: the waits are what is measured"
+    assert max(waits) < MISS_WAIT_S + 0.05
+    assert sum(waits) < MISS_WAIT_BUDGET_S * (1 + elapsed) + 0.05, waits

@@ -197,7 +197,8 @@ class Node:
         await self.deferred.drain()
         await asyncio.to_thread(self.gov.ledger_threads.close, 1.0)
         await self.log.close()
-        self.registry.close()
+        # Off the loop: on PostgreSQL, closing waits for the listener and for a miss's read under way.
+        await asyncio.to_thread(self.registry.close)
         self.gov.close()
 
     @property

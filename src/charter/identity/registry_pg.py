@@ -9,14 +9,15 @@ thread reconnects with backoff and re-reads everything, since notifications sent
 
 An agent enrolled on one daemon can call another before that one's notification arrives: its id, or
 its bearer key, is not in memory yet. Such a miss is asked of PostgreSQL before the caller refuses it
-as unknown, by a thread of its own (`MissReader`, its connection opened on the first miss). The
-caller, often the event loop, waits for the answer `MISS_WAIT_S` at most, and is refused meanwhile
-(fail closed; the read goes on, and a retry finds what it learned). The reads are bounded: one at a
-time (a miss while one is under way is refused at once), `MISS_READS_PER_S` a second, an id or key
-PostgreSQL does not know is not asked again for `MISS_TTL`, and a failed read pauses them for
-`MISS_PAUSE_S`. A flood of made-up ids can use up that budget, and then a newcomer waits for its
-notification, as before. What a read finds is kept only if nothing about the registry changed while
-it was under way (a notification, a write here): a slow read never brings back a revoked agent or key.
+as unknown, by a thread of its own (`MissReader`; a daemon opens its connection at start, a command
+on its first miss). The event loop waits for the answer `MISS_WAIT_S` at most, and
+`MISS_WAIT_BUDGET_S` a second in all; it is refused meanwhile (fail closed), and what the read finds
+is kept for the retry. The reads are bounded: one at a time (a miss while one is under way is
+refused at once), `MISS_READS_PER_S` a second; an id or key PostgreSQL does not know is not asked
+again for `MISS_TTL`; a failed read pauses them for `MISS_PAUSE_S`. A flood of made-up ids can use
+up the reads, and then a newcomer waits for its notification, as before. What a read finds is kept
+only if nothing in the cache changed while it was under way (a notification, a write here): a slow
+read never brings back a revoked agent or key.
 
 Redeeming an invite locks the invite's row (`FOR UPDATE`), so a single-use token enrols one agent
 however many daemons race for it; a partial unique index keeps live names unique across daemons.
@@ -24,6 +25,7 @@ however many daemons race for it; a partial unique index keeps live names unique
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -57,7 +59,9 @@ CHANNEL = "charter_registry"  # + the schema: installations sharing a database d
 RESYNC_EVERY = 60.0  # a full re-read now and then, whatever the notifications said
 MISS_TTL = 1.0  # seconds an id or key PostgreSQL did not know is refused without asking it again
 MISS_READS_PER_S = 20  # misses asked of PostgreSQL per second at most; beyond, refused at once
-MISS_WAIT_S = 0.02  # the longest a caller (the event loop, often) waits for a miss's answer
+MISS_WAIT_S = 0.02  # the longest the event loop waits for one miss's answer...
+MISS_WAIT_BUDGET_S = 0.05  # ...and for all of them in a second (a flood on a slow PostgreSQL: 5% of the loop)
+MISS_WAIT_OFF_LOOP_S = 2.0  # the longest another thread waits (`charter run`, a worker thread)
 MISS_TIMEOUT_MS = 2000  # the server gives up a miss's statement after this
 MISS_PAUSE_S = 2.0  # after a failed read, misses are refused unasked for this long
 MAX_UNKNOWN = 1024  # remembered unknown ids and keys before the expired ones are dropped
@@ -113,10 +117,12 @@ class PgRegistry(CachedRegistry):
             self._conn.execute(SCHEMA)
             schema = self._conn.execute("SELECT current_schema()").fetchone()[0] or "public"
         self.channel = f"{CHANNEL}_{''.join(c if c.isalnum() else '_' for c in schema)}"[:63]
+        # The cache, read without a lock (by the loop, worker threads, the listener): both dicts
+        # are replaced, never changed in place, so nobody iterates one while it changes. Each
+        # change is made under `_cache_lock` and bumps the generation: what a miss read found is
+        # kept only if the generation is still the one it started at.
         self._agents: dict[str, AgentRecord] = {}
         self._keys: dict[str, str] = {}
-        # Every change to the cache bumps the generation, under `_cache_lock`: what a miss read
-        # found is kept only if the generation is the one it started at.
         self._cache_lock = threading.Lock()
         self._generation = 0
         self.reload()
@@ -138,12 +144,8 @@ class PgRegistry(CachedRegistry):
             keys = self._conn.execute("SELECT key_hash, agent_id FROM api_keys WHERE revoked = 0").fetchall()
         fresh = {r[0]: _record(_plain(r)) for r in rows}
         with self._cache_lock:
-            for agent_id, rec in fresh.items():
-                self._merge(rec)
-            for gone in set(self._agents) - set(fresh):
-                self._agents.pop(gone, None)
-            self._keys = dict(keys)
-            self._generation += 1
+            agents = {agent_id: self._merged(rec) for agent_id, rec in fresh.items()}  # the gone ones dropped
+            self._commit(agents, dict(keys))
 
     def _reload_agent(self, agent_id: str) -> None:
         # On the writer connection: the listener's own is locked by its `notifies()` generator.
@@ -151,25 +153,35 @@ class PgRegistry(CachedRegistry):
             row = self._conn.execute(f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s", (agent_id,)).fetchone()
             keys = self._conn.execute("SELECT key_hash, agent_id FROM api_keys WHERE revoked = 0").fetchall()
         with self._cache_lock:
+            agents = dict(self._agents)
             if row is None:
-                self._agents.pop(agent_id, None)
+                agents.pop(agent_id, None)
             else:
-                self._merge(_record(_plain(row)))
-            self._keys = dict(keys)
-            self._generation += 1
+                rec = _record(_plain(row))
+                agents[rec.id] = self._merged(rec)
+            self._commit(agents, dict(keys))
 
-    def _changed(self) -> None:
-        """A write made here changed the cache: a miss read under way must not undo it."""
-        with self._cache_lock:
-            self._generation += 1
-
-    def _merge(self, rec: AgentRecord) -> None:
-        """Update in place when only the status moved (holders of the record see it), else replace."""
+    def _merged(self, rec: AgentRecord) -> AgentRecord:
+        """The record to keep for `rec`: the one in memory with its status updated in place when only
+        the status moved (holders of the record see it), else `rec`."""
         have = self._agents.get(rec.id)
         if have is not None and have.charter == rec.charter and have.public_key.b64 == rec.public_key.b64:
             have.status, have.reason = rec.status, rec.reason
-        else:
-            self._agents[rec.id] = rec
+            return have
+        return rec
+
+    def _commit(self, agents: dict[str, AgentRecord] | None = None, keys: dict[str, str] | None = None) -> None:
+        """Put the new cache in place and bump the generation (the caller holds `_cache_lock`)."""
+        if agents is not None:
+            self._agents = agents
+        if keys is not None:
+            self._keys = keys
+        self._generation += 1
+
+    def _put(self, rec: AgentRecord) -> None:
+        """A record written here: in memory at once, and no miss read under way may undo it."""
+        with self._cache_lock:
+            self._commit({**self._agents, rec.id: rec})
 
     def _listen_forever(self) -> None:
         backoff = 0.1
@@ -237,10 +249,9 @@ class PgRegistry(CachedRegistry):
         if rec is not None and (rec.status != REVOKED or rec.id == ref):
             return rec
         gen = self._generation
-        row = self._misses.read(f"ref:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s UNION ALL "
-                                              f"(SELECT {_AGENT_COLS} FROM agents WHERE name = %s AND "
-                                              "status != 'revoked' LIMIT 1) LIMIT 1", ref, ref,
-                                late=lambda found: self._learn(found, gen))
+        row = self._misses.read(f"ref:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s OR "
+                                              "(name = %s AND status != 'revoked') ORDER BY id = %s DESC LIMIT 1",
+                                ref, ref, ref, late=lambda found: self._learn(found, gen))
         learned = None if row is None else self._learn(row, gen)
         if learned is not None:
             return learned
@@ -261,7 +272,8 @@ class PgRegistry(CachedRegistry):
                 agent_id = self._keys.get(key_hash)
                 return self._agents.get(agent_id) if agent_id else None
             if have is None:
-                self._agents[rec.id] = have = rec
+                self._agents = {**self._agents, rec.id: rec}  # (no bump: nothing older was replaced)
+                have = rec
             if key_hash is not None:
                 self._keys = {**self._keys, key_hash: rec.id}
         return have
@@ -314,8 +326,7 @@ class PgRegistry(CachedRegistry):
             except psycopg.errors.UniqueViolation:
                 raise name_taken(name) from None
         rec.created_at = now
-        self._agents[rec.id] = rec
-        self._changed()
+        self._put(rec)
         return rec
 
     # -- agents ------------------------------------------------------------------------------
@@ -331,8 +342,7 @@ class PgRegistry(CachedRegistry):
             except psycopg.errors.UniqueViolation:
                 raise name_taken(rec.name) from None
         rec.created_at = now
-        self._agents[rec.id] = rec
-        self._changed()
+        self._put(rec)
         return rec
 
     def set_status(self, agent_id: str, status: str, reason: str = "") -> AgentRecord:
@@ -341,8 +351,9 @@ class PgRegistry(CachedRegistry):
             self._conn.execute("UPDATE agents SET status = %s, reason = %s, updated_at = %s WHERE id = %s",
                                (status, reason, now_ms(), agent_id))
             self._notify(self._conn, f"agent:{agent_id}")
-        rec.status, rec.reason = status, reason
-        self._changed()
+        with self._cache_lock:
+            rec.status, rec.reason = status, reason
+            self._commit()
         return rec
 
     def replace_charter(self, rec: AgentRecord, charter: dict[str, Any], public_key: PublicKey) -> AgentRecord:
@@ -355,8 +366,7 @@ class PgRegistry(CachedRegistry):
                 "UPDATE agents SET public_key = %s, charter = %s, issued_at = %s, expires_at = %s, updated_at = %s "
                 "WHERE id = %s", (public_key.b64, canonical(charter), new.issued_at, new.expires_at, now_ms(), rec.id))
             self._notify(self._conn, f"agent:{rec.id}")
-        self._agents[rec.id] = new
-        self._changed()
+        self._put(new)
         return new
 
     # -- bearer keys -------------------------------------------------------------------------
@@ -368,10 +378,10 @@ class PgRegistry(CachedRegistry):
                 self._conn.execute("UPDATE api_keys SET revoked = 1 WHERE agent_id = %s", (agent_id,))
             self._conn.execute("INSERT INTO api_keys VALUES (%s,%s,%s,0)", (key_hash, agent_id, now_ms()))
             self._notify(self._conn, f"agent:{agent_id}")
-        keys = {h: a for h, a in self._keys.items() if a != agent_id} if replace else dict(self._keys)
-        keys[key_hash] = agent_id
-        self._keys = keys
-        self._changed()
+        with self._cache_lock:
+            keys = {h: a for h, a in self._keys.items() if a != agent_id} if replace else dict(self._keys)
+            keys[key_hash] = agent_id
+            self._commit(keys=keys)
 
     def close(self) -> None:
         self._stop.set()
@@ -382,6 +392,16 @@ class PgRegistry(CachedRegistry):
             self._conn.close()
 
 
+class _Ask:
+    """One read's hand-over: a caller that stopped waiting leaves `late` for the reader to call."""
+
+    __slots__ = ("late", "finished")
+
+    def __init__(self) -> None:
+        self.late: Callable[[tuple], object] | None = None
+        self.finished = False
+
+
 class MissReader:
     """One-row reads of what the cache does not hold, on a thread and a connection of their own,
     bounded (see the module's docstring)."""
@@ -389,9 +409,11 @@ class MissReader:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.reads = 0
-        self._lock = threading.Lock()  # guards the bounds below, and `_closed`
+        self._lock = threading.Lock()  # guards the bounds below and `_closed`; never held while waiting
         self._unknown: dict[str, float] = {}  # id or key -> until when it is refused unasked
-        self._tokens, self._refilled = float(MISS_READS_PER_S), time.monotonic()
+        self._tokens = float(MISS_READS_PER_S)
+        self._wait_left = MISS_WAIT_BUDGET_S  # what the event loop may still spend waiting, this second
+        self._refilled = time.monotonic()
         self._paused_until = 0.0
         self._busy = False
         self._closed = False
@@ -401,7 +423,8 @@ class MissReader:
     def read(self, key: str, query: str, *params: str, late: Callable[[tuple], object] | None = None
              ) -> tuple | None:
         """The row `query` finds for `params` (or `key`), or None: not there, not asked (see the
-        bounds), or not answered within MISS_WAIT_S; a row found after that goes to `late`."""
+        bounds), or not answered in time; a row found after that goes to `late`."""
+        on_loop = _on_event_loop()
         now = time.monotonic()
         with self._lock:
             if self._closed or self._busy or now < self._paused_until:
@@ -409,26 +432,36 @@ class MissReader:
             until = self._unknown.get(key)
             if until is not None and now < until:
                 return None
-            self._tokens = min(float(MISS_READS_PER_S), self._tokens + (now - self._refilled) * MISS_READS_PER_S)
-            self._refilled = now
+            elapsed, self._refilled = now - self._refilled, now
+            self._tokens = min(float(MISS_READS_PER_S), self._tokens + elapsed * MISS_READS_PER_S)
+            self._wait_left = min(MISS_WAIT_BUDGET_S, self._wait_left + elapsed * MISS_WAIT_BUDGET_S)
             if self._tokens < 1.0:
                 return None
             self._tokens -= 1.0
+            wait = min(MISS_WAIT_S, self._wait_left) if on_loop else MISS_WAIT_OFF_LOOP_S
             self._busy = True
             self.reads += 1
             pool = self._thread()
+        ask = _Ask()
         try:
-            answer = pool.submit(self._run, key, query, params or (key,))
+            answer = pool.submit(self._run, ask, key, query, params or (key,))
         except RuntimeError:  # shut down meanwhile
             with self._lock:
                 self._busy = False
             return None
+        started = time.monotonic()
         try:
-            return answer.result(timeout=MISS_WAIT_S)
-        except FuturesTimeout:  # refused for now; the read goes on, and what it finds is kept for a retry
-            if late is not None:
-                answer.add_done_callback(lambda done: _late(done, late))
-            return None
+            return answer.result(timeout=wait)
+        except FuturesTimeout:
+            with self._lock:
+                if not ask.finished:  # refused for now; what the read finds is kept for a retry
+                    ask.late = late
+                    return None
+            return answer.result()  # it has just finished: the result is a moment away
+        finally:
+            if on_loop:
+                with self._lock:
+                    self._wait_left -= time.monotonic() - started
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._pool is None:  # (under _lock)
@@ -444,15 +477,17 @@ class MissReader:
 
     def _open(self) -> None:
         try:
-            if self._conn is None:
+            if self._conn is None and not self._closed:
                 self._conn = self._connect()
         except Exception as exc:  # noqa: BLE001 - the first miss tries again, and says so
             log.warning("registry: no connection for looking up unknown agents yet (%s)", exc)
 
-    def _run(self, key: str, query: str, params: tuple[str, ...]) -> tuple | None:
+    def _run(self, ask: _Ask, key: str, query: str, params: tuple[str, ...]) -> tuple | None:
         row: tuple | None = None
         failed = False
         try:
+            if self._closed:
+                return None
             if self._conn is None:
                 self._conn = self._connect()
             row = self._conn.execute(query, params).fetchone()
@@ -460,24 +495,31 @@ class MissReader:
             failed = True
             log.warning("registry: could not look up an unknown agent in PostgreSQL (%s); refused as unknown for "
                         "%gs", exc, MISS_PAUSE_S)
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            self._close_conn()
         finally:
             now = time.monotonic()
             with self._lock:
-                self._busy = False
                 if failed:
                     self._paused_until = now + MISS_PAUSE_S
                 elif row is None:
                     if len(self._unknown) >= MAX_UNKNOWN:  # (at most MISS_TTL's worth of reads are live)
                         self._unknown = {k: t for k, t in self._unknown.items() if t > now}
                     self._unknown[key] = now + MISS_TTL
+                ask.finished = True
+                late = ask.late
+            try:
+                if late is not None and row is not None:  # before the next read may start
+                    late(row)
+            except Exception:  # noqa: BLE001 - only a cache left unfilled: the retry asks again
+                log.exception("registry: keeping a late answer about an unknown agent failed")
+            finally:
+                with self._lock:
+                    self._busy = False
         return row
 
     def _connect(self) -> psycopg.Connection:
         # Keepalives and a TCP user timeout: a PostgreSQL host gone silent fails the read in
-        # seconds, not after the kernel's retransmissions (minutes); the caller never waits for it.
+        # seconds, not after the kernel's retransmissions (minutes); no caller waits for it.
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="charter-registry-miss",
                                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
                                tcp_user_timeout=5000)
@@ -488,27 +530,31 @@ class MissReader:
             raise
         return conn
 
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
     def close(self) -> None:
+        """Stop: a read under way ends first (its statement timeout bounds it), then the connection."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.submit(self._close_conn)
-            pool.shutdown(wait=True, cancel_futures=False)
-
-    def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+            pool.shutdown(wait=True)
+        self._close_conn()
 
 
-def _late(done: Future[tuple | None], late: Callable[[tuple], object]) -> None:
+def _on_event_loop() -> bool:
+    """Whether the caller is an event loop's thread (which must not wait long for a miss)."""
     try:
-        row = done.result()
-        if row is not None:
-            late(row)
-    except Exception:  # noqa: BLE001 - only a cache left unfilled: the retry asks again
-        log.exception("registry: keeping a late answer about an unknown agent failed")
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _plain(row: tuple) -> tuple:
