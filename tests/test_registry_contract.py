@@ -373,6 +373,7 @@ async def test_the_event_loop_waits_for_misses_briefly_and_little_in_all(
         waits.append(time.monotonic() - started)
         await asyncio.sleep(0.035)  # the read ends meanwhile
     elapsed = time.monotonic() - t0
-    assert deaf.miss_reads >= 20, "the reads themselves were not refused: the waits are what is measured"
-    assert max(waits) < MISS_WAIT_S + 0.05
-    assert sum(waits) < MISS_WAIT_BUDGET_S * (1 + elapsed) + 0.05, waits
+    assert deaf.miss_reads >= 10, "the reads themselves were not refused: the waits are what is measured"
+    # (slack for a loaded host's late wake-ups; with no budget the sum is ~0.8 s, the bound ~0.25)
+    assert max(waits) < MISS_WAIT_S + 0.1
+    assert sum(waits) < MISS_WAIT_BUDGET_S * (1 + elapsed) + 0.15, waits
