@@ -220,22 +220,15 @@ class PgRegistry(CachedRegistry):
     def get(self, agent_id: str) -> AgentRecord | None:
         rec = self._agents.get(agent_id)
         if rec is None and agent_id.startswith("agt_") and len(agent_id) <= 64:
-            gen = self._generation
-            row = self._misses.read(agent_id, f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s",
-                                    late=lambda found: self._learn(found, gen))
-            if row is not None:
-                rec = self._learn(row, gen)
+            rec = self._ask(agent_id, f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s")
         return rec
 
     def agent_for_key(self, key_hash: str) -> AgentRecord | None:
         agent_id = self._keys.get(key_hash)
         if agent_id is not None:
             return self.get(agent_id)
-        gen = self._generation
-        row = self._misses.read(key_hash, f"SELECT {_KEY_AGENT_COLS} FROM api_keys k JOIN agents a "
-                                          "ON a.id = k.agent_id WHERE k.key_hash = %s AND k.revoked = 0",
-                                late=lambda found: self._learn(found, gen, key_hash=key_hash))
-        return None if row is None else self._learn(row, gen, key_hash=key_hash)
+        return self._ask(key_hash, f"SELECT {_KEY_AGENT_COLS} FROM api_keys k JOIN agents a ON a.id = k.agent_id "
+                                   "WHERE k.key_hash = %s AND k.revoked = 0", key_hash=key_hash)
 
     def find(self, ref: str) -> AgentRecord:
         """As in memory; an agent not there yet (or only a revoked one of that name) is asked of
@@ -248,16 +241,20 @@ class PgRegistry(CachedRegistry):
             rec = None
         if rec is not None and (rec.status != REVOKED or rec.id == ref):
             return rec
-        gen = self._generation
-        row = self._misses.read(f"ref:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s OR "
-                                              "(name = %s AND status != 'revoked') ORDER BY id = %s DESC LIMIT 1",
-                                ref, ref, ref, late=lambda found: self._learn(found, gen))
-        learned = None if row is None else self._learn(row, gen)
+        learned = self._ask(f"ref:{ref}", f"SELECT {_AGENT_COLS} FROM agents WHERE id = %s OR "
+                                          "(name = %s AND status != 'revoked') ORDER BY id = %s DESC LIMIT 1",
+                            ref, ref, ref)
         if learned is not None:
             return learned
         if rec is not None:
             return rec
         raise CharterError(NOT_FOUND, f"no agent with id or name {ref!r}", "agent")
+
+    def _ask(self, key: str, query: str, *params: str, key_hash: str | None = None) -> AgentRecord | None:
+        """The agent a miss read finds (see `_learn`); a late answer is learned for the retry."""
+        gen = self._generation
+        row = self._misses.read(key, query, *params, late=lambda found: self._learn(found, gen, key_hash=key_hash))
+        return None if row is None else self._learn(row, gen, key_hash=key_hash)
 
     def _learn(self, row: tuple, gen: int, *, key_hash: str | None = None) -> AgentRecord | None:
         """Keep what a miss read found, unless the cache changed while it was under way (then
